@@ -1,0 +1,109 @@
+"""The one definition of TopThetaAttention's interface (docs/op.md): names, order, defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+DOMAIN = "ai.topt"
+OP_TYPE = "TopThetaAttention"
+OPSET_VERSION = 1
+
+INPUTS = (
+    "Q", "K", "V", "attn_mask", "past_key", "past_value",
+    "thresholds", "threshold_lengths", "past_seqlens", "past_v_sum", "sdc_log_mass",
+)
+OUTPUTS = ("Y", "present_key", "present_value", "present_v_sum", "stats")
+REQUIRED_INPUTS = ("Q", "K", "V", "thresholds", "threshold_lengths")
+
+PLACEMENTS = ("post_softmax", "pre_softmax")
+SDC_TOKENS = ("sdc_exact", "sdc_exp_threshold", "sdc_calibrated")
+COMPENSATION_TOKENS = ("vmc",) + SDC_TOKENS
+KV_LAYOUTS = ("concat", "shared_buffer")
+NUM_STATS = 6
+STATS_COLUMNS = ("rows", "visible", "kept", "dense_rows", "beyond_calibrated", "group_v_rows")
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """A parsed `compensation` attribute: VMC on/off and at most one SDC mode."""
+
+    vmc: bool = True
+    sdc: str = "none"  # none | exact | exp_threshold | calibrated
+
+    @classmethod
+    def parse(cls, text: str, placement: str = "post_softmax") -> "Compensation":
+        tokens = [t for t in text.split("+") if t] if text != "none" else []
+        unknown = [t for t in tokens if t not in COMPENSATION_TOKENS]
+        if unknown:
+            raise ValueError(f"compensation: unknown token {unknown[0]!r} (expected none or +-joined {COMPENSATION_TOKENS})")
+        sdc = [t for t in tokens if t in SDC_TOKENS]
+        if len(sdc) > 1:
+            raise ValueError(f"compensation: at most one sdc_* token, got {'+'.join(sdc)}")
+        if sdc and placement != "pre_softmax":
+            raise ValueError(f"compensation: {sdc[0]} needs placement=pre_softmax, got {placement}")
+        return cls(vmc="vmc" in tokens, sdc=sdc[0][len("sdc_"):] if sdc else "none")
+
+    def __str__(self) -> str:
+        tokens = (["sdc_" + self.sdc] if self.sdc != "none" else []) + (["vmc"] if self.vmc else [])
+        return "+".join(tokens) or "none"
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """TopThetaAttention's attributes with op.md's defaults (scale None: 1/sqrt(Dh))."""
+
+    scale: float | None = None
+    is_causal: int = 0
+    k: int = 0
+    placement: str = "post_softmax"
+    compensation: str = "vmc"
+    kv_layout: str = "concat"
+    calibrated_max_length: int = 0
+
+    def validate(self) -> "Attributes":
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement: expected one of {PLACEMENTS}, got {self.placement!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout: expected one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+        if self.k < 0:
+            raise ValueError(f"k: expected >= 0, got {self.k}")
+        if self.is_causal not in (0, 1):
+            raise ValueError(f"is_causal: expected 0 or 1, got {self.is_causal}")
+        Compensation.parse(self.compensation, self.placement)
+        return self
+
+    def onnx_attributes(self) -> dict:
+        attrs = {
+            "is_causal": self.is_causal, "k": self.k, "placement": self.placement,
+            "compensation": self.compensation, "kv_layout": self.kv_layout,
+            "calibrated_max_length": self.calibrated_max_length,
+        }
+        if self.scale is not None:
+            attrs["scale"] = float(self.scale)
+        return attrs
+
+
+def make_node(inputs: dict[str, str], outputs: dict[str, str], attributes: Attributes, name: str = "") -> onnx.NodeProto:
+    """A TopThetaAttention NodeProto; `inputs`/`outputs` map op.md names to value names."""
+    unknown = set(inputs) - set(INPUTS) | set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown TopThetaAttention input/output names: {sorted(unknown)}")
+    missing = [n for n in REQUIRED_INPUTS if not inputs.get(n)]
+    if missing:
+        raise ValueError(f"TopThetaAttention needs inputs {missing}")
+    input_list = _trim([inputs.get(n, "") for n in INPUTS])
+    output_list = _trim([outputs.get(n, "") for n in OUTPUTS])
+    return helper.make_node(OP_TYPE, input_list, output_list, name=name, domain=DOMAIN,
+                            **attributes.validate().onnx_attributes())
+
+
+def opset_import() -> onnx.OperatorSetIdProto:
+    return helper.make_opsetid(DOMAIN, OPSET_VERSION)
+
+
+def _trim(names: list[str]) -> list[str]:
+    while names and not names[-1]:
+        names.pop()
+    return names
