@@ -14,6 +14,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from topt_compile.ops import schema
+from topt_compile.ops.calibrate_reference import top_theta_calibrate
 from topt_compile.ops.reference import top_theta_attention
 
 HEADS = [(1, 1), (4, 4), (8, 2), (9, 3)]
@@ -183,11 +184,27 @@ TABLE_INPUTS = ("thresholds", "threshold_lengths", "sdc_log_mass")
 
 def one_op_model(case: Case, inputs: dict, outputs=schema.OUTPUTS, node_name="tta") -> onnx.ModelProto:
     """A model of one TopThetaAttention node; the θ tables are initializers, as in compiled models."""
-    dtype = inputs["Q"].dtype
-    out_types = {"Y": dtype, "present_key": dtype, "present_value": dtype,
-                 "present_v_sum": np.dtype("float32"), "stats": np.dtype("int64")}
     node = schema.make_node({n: n for n in inputs}, {o: o for o in outputs},
                             schema.Attributes(**case.attributes), name=node_name)
+    return _one_node_model(node, inputs, outputs)
+
+
+def one_calibrate_model(case: Case, inputs: dict, outputs=schema.CALIBRATE_OUTPUTS, node_name="ttc") -> onnx.ModelProto:
+    """A model of one TopThetaCalibrate node (case.attributes less kv_layout/calibrated_max_length)."""
+    node = schema.make_calibrate_node({n: n for n in inputs}, {o: o for o in outputs},
+                                      schema.Attributes(**calibrate_attributes(case)), name=node_name)
+    return _one_node_model(node, inputs, outputs)
+
+
+def calibrate_attributes(case: Case) -> dict:
+    return {n: v for n, v in case.attributes.items() if n in schema.CALIBRATE_ATTRIBUTES}
+
+
+def _one_node_model(node, inputs: dict, outputs) -> onnx.ModelProto:
+    dtype = inputs["Q"].dtype
+    out_types = {"Y": dtype, "present_key": dtype, "present_value": dtype,
+                 "present_v_sum": np.dtype("float32"), "stats": np.dtype("int64"),
+                 "theta_sums": np.dtype("float64"), "sdc_sums": np.dtype("float64")}
     graph = helper.make_graph(
         [node], "top_theta_one_op",
         [helper.make_tensor_value_info(n, ONNX_TYPES[a.dtype], None) for n, a in inputs.items() if n not in TABLE_INPUTS],
@@ -221,3 +238,38 @@ def comparable_with_attention23(case) -> bool:
     """ORT's Attention-23 agrees with op.md's causal rule (query i at P + i) when Skv = S, the case
     exporters produce; with Skv != S it is inconsistent (S = 1 with past sees every key)."""
     return case.kv_layout == "concat" and not (case.is_causal and case.Skv != case.S)
+
+
+# --- TopThetaCalibrate ----------------------------------------------------------------------------
+CALIBRATE_LENGTHS = np.array([0, 5, 12, 20], dtype=np.int64)
+
+
+def calibrate_cases(count: int, seed: int = 0, dtypes=("float32", "float16")) -> list[Case]:
+    """sampled_cases in the concat layout (the only one TopThetaCalibrate has), with a past of the
+    shared-buffer draws' length, plus a covering set: GQA 8/2 and 9/3 with past and a bool mask
+    with a fully masked row, every dtype × placement × compensation, k = 3 and 10."""
+    sampled = [replace(c, kv_layout="concat", with_past_v_sum=False, theta_mode="mixed")
+               for c in sampled_cases(count, seed, dtypes)]
+    covering = []
+    for dtype, (placement, comps), (Hq, Hkv), k in itertools.product(
+            dtypes, COMPENSATIONS.items(), [(8, 2), (9, 3)], [3, 10]):
+        for comp in comps:
+            covering.append(Case(B=2, Hq=Hq, Hkv=Hkv, S=6, Skv=6, P=11, Dh=64, Dv=64, dtype=dtype, mask="bool",
+                                 fully_masked_row=True, placement=placement, compensation=comp, k=k,
+                                 seed=700 + len(covering)))
+    return covering + sampled
+
+
+def calibrate_inputs(case: Case, lengths=CALIBRATE_LENGTHS, min_gap=1e-4):
+    """(case, inputs, reference outputs) for TopThetaCalibrate: inputs 0-5 of the case plus
+    threshold_lengths. Redraws (a new seed) while some row's k-th and (k+1)-th largest scores are
+    closer than `min_gap`, which float32 could order otherwise."""
+    for attempt in range(20):
+        drawn = make_inputs(case)
+        inputs = {n: drawn[n] for n in schema.CALIBRATE_INPUTS if n in drawn}
+        inputs["threshold_lengths"] = lengths
+        outputs, gap = top_theta_calibrate(**inputs, **calibrate_attributes(case), return_decision_margin=True)
+        if gap > min_gap:
+            return case, inputs, outputs
+        case = replace(case, seed=case.seed + 100_000)
+    raise AssertionError(f"{case}: could not draw inputs without near-ties")

@@ -2,7 +2,7 @@
 // it writes present_key/value[b, g], present_v_sum[b, g], and, for the G query heads of g, Y and
 // stats; the group's heads are handled together so stats[..., 5] (the union of their kept V rows)
 // needs no second pass. Scores, sums and Y are float32; fp16 is converted on load and rounded
-// once on store.
+// once on store. TopThetaCalibrate runs this same kernel with a RowThreshold giving θ per row.
 #include "top_theta_cpu.h"
 
 #include <algorithm>
@@ -141,7 +141,7 @@ class KvRows {
 template <typename T>
 struct Scratch {
   KvRows<T> keys, values;
-  std::vector<float> q, scores, probs, acc, v_mean;
+  std::vector<float> q, scores, probs, acc, v_mean, selection;
   std::vector<int64_t> visible;   // indices j of the visible keys of the current row
   std::vector<uint8_t> keep;      // per visible key
   std::vector<int64_t> union_stamp;  // union_stamp[j] == row id: key j kept by some head of the row
@@ -164,7 +164,7 @@ void WritePresent(const TopThetaParams& p, int64_t bg, int64_t past_rows, const 
 }
 
 template <typename T>
-void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s) {
+void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s, RowThreshold* row_threshold) {
   const int64_t G = p.group_size(), Dh = p.Dh, Dv = p.Dv, L = p.L;
   const int64_t bg = b * p.Hkv + g;
   const bool shared = p.kv_layout == KvLayout::kSharedBuffer;
@@ -187,6 +187,7 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s) {
   s.probs.resize(size_t(new_end));
   s.visible.resize(size_t(new_end));
   s.keep.resize(size_t(new_end));
+  s.selection.resize(size_t(new_end));
   s.acc.resize(size_t(Dv));
   s.v_mean.resize(size_t(Dv));
   s.union_stamp.assign(size_t(new_end), -1);
@@ -231,7 +232,7 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s) {
       // Threshold column: the largest c with threshold_lengths[c] <= n, else 0.
       const int64_t* lengths = p.threshold_lengths;
       const int64_t c = std::max<int64_t>(0, (std::upper_bound(lengths, lengths + L, n) - lengths) - 1);
-      const float theta = p.thresholds[h * L + c];
+      float theta = row_threshold ? kInf : p.thresholds[h * L + c];
       const bool dense = n <= p.k;
 
       bool has_nan = false;
@@ -249,6 +250,9 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s) {
         s.probs[size_t(t)] = e;
         Z += e;
       }
+      const RowView row{b, h, i, c, n, s.scores.data(), s.probs.data(), mx, Z};
+      const bool per_row_theta = row_threshold && !dense && !has_nan && mx != -kInf;
+      if (per_row_theta) theta = row_threshold->Theta(row, s.selection.data());
       // A NaN row keeps (and reads) every visible key; a row whose scores are all -inf keeps none.
       int64_t kept = 0;
       float kept_e = 0.f;  // D = Σ_{Keep} e_j
@@ -269,6 +273,8 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s) {
           }
         }
       }
+
+      if (per_row_theta) row_threshold->Kept(row, theta, s.keep.data());
 
       if (p.stats) {
         int64_t* st = p.stats + (b * p.Hq + h) * kNumStats;
@@ -359,7 +365,7 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s) {
 }
 
 template <typename T>
-void Run(const TopThetaParams& p, int num_threads) {
+void Run(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold) {
   const int64_t units = p.B * p.Hkv;
   if (p.stats) std::fill(p.stats, p.stats + p.B * p.Hq * kNumStats, int64_t(0));
   if (units == 0) return;
@@ -368,7 +374,7 @@ void Run(const TopThetaParams& p, int num_threads) {
   std::atomic<int64_t> next{0};
   auto worker = [&] {
     Scratch<T> scratch;
-    for (int64_t u = next++; u < units; u = next++) RunUnit<T>(p, u / p.Hkv, u % p.Hkv, scratch);
+    for (int64_t u = next++; u < units; u = next++) RunUnit<T>(p, u / p.Hkv, u % p.Hkv, scratch, row_threshold);
   };
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
@@ -378,11 +384,11 @@ void Run(const TopThetaParams& p, int num_threads) {
 
 }  // namespace
 
-void RunTopThetaCpu(const TopThetaParams& p, int num_threads) {
+void RunTopThetaCpu(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold) {
   if (p.dtype == DType::kFloat16) {
-    Run<uint16_t>(p, num_threads);
+    Run<uint16_t>(p, num_threads, row_threshold);
   } else {
-    Run<float>(p, num_threads);
+    Run<float>(p, num_threads, row_threshold);
   }
 }
 

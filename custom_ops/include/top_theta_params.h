@@ -65,6 +65,15 @@ struct TopThetaParams {
   int64_t group_size() const { return Hq / Hkv; }
 };
 
+// TopThetaCalibrate (op.md, last section): exact top-k attention plus the sums thresholds are
+// computed from. `attention` is filled as for TopThetaAttention with thresholds and sdc_log_mass
+// null, kv_layout concat, calibrated_max_length 0 and sdc_calibrated read as sdc_exact.
+struct TopThetaCalibrateParams {
+  TopThetaParams attention;
+  double* theta_sums = nullptr;  // [Hq, L, 3] or null: (rows, Σ θ_row, Σ θ_row²)
+  double* sdc_sums = nullptr;    // [Hq, L, 2] or null: (rows, log Σ exp(ℓ_row))
+};
+
 // Index of the stats columns (op.md, `stats`).
 enum StatsColumn : int { kRows = 0, kVisible = 1, kKept = 2, kDenseRows = 3, kBeyond = 4, kGroupVRows = 5, kNumStats = 6 };
 

@@ -3,6 +3,7 @@
 #include <mutex>
 #include <vector>
 
+#include "top_theta_calibrate_op.h"
 #include "top_theta_cpu_op.h"
 #ifdef TOPT_WITH_CUDA
 #include "top_theta_cuda_op.h"  // custom_ops/cuda: TopThetaCudaOp, same signature
@@ -10,11 +11,14 @@
 
 namespace {
 
+using topt::ort::TopThetaCalibrateCpuOp;
 using topt::ort::TopThetaCpuOp;
 
 // Static: ORT keeps pointers to the ops for the lifetime of every session that uses them.
 const TopThetaCpuOp kCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
 const TopThetaCpuOp kCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+const TopThetaCalibrateCpuOp kCalibrateCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+const TopThetaCalibrateCpuOp kCalibrateCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
 #ifdef TOPT_WITH_CUDA
 const topt::ort::TopThetaCudaOp kCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
 const topt::ort::TopThetaCudaOp kCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
@@ -33,6 +37,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::CustomOpDomain domain(topt::ort::kDomain);
     domain.Add(&kCpuFloat);
     domain.Add(&kCpuFloat16);
+    domain.Add(&kCalibrateCpuFloat);
+    domain.Add(&kCalibrateCpuFloat16);
 #ifdef TOPT_WITH_CUDA
     domain.Add(&kCudaFloat);
     domain.Add(&kCudaFloat16);

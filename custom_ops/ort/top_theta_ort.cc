@@ -64,25 +64,17 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
   return out.str();
 }
 
-template <typename... Parts>
-[[noreturn]] void Fail(const std::string& node, const char* kind, const char* what, const Parts&... parts) {
-  std::ostringstream out;
-  out << kOpName << " node '" << node << "': " << kind << " '" << what << "': ";
-  (out << ... << parts);
-  throw Ort::Exception(out.str(), ORT_INVALID_ARGUMENT);
-}
-
 // --- attributes ------------------------------------------------------------------------------
 
 // An attribute's value, or `fallback` when the node does not set it. ORT reports "absent" and
 // "wrong type" through the same status: tell them apart by the message it has used since 1.x.
 template <typename V>
-V Attribute(const Ort::ConstKernelInfo& info, const std::string& node, const char* name, V fallback) {
+V Attribute(const Ort::ConstKernelInfo& info, const Attributes& a, const char* name, V fallback) {
   try {
     return info.GetAttribute<V>(name);
   } catch (const Ort::Exception& e) {
     if (std::string(e.what()).find("No attribute with name") != std::string::npos) return fallback;
-    Fail(node, "attribute", name, e.what());
+    Fail(a.op_name, a.node_name, "attribute", name, e.what());
   }
 }
 
@@ -97,29 +89,32 @@ bool HasAttribute(const Ort::ConstKernelInfo& info, const char* name) {
 
 }  // namespace
 
-Attributes ParseAttributes(const OrtKernelInfo* raw_info) {
+Attributes ParseAttributes(const OrtKernelInfo* raw_info, const char* op_name) {
   Ort::ConstKernelInfo info(raw_info);
   Attributes a;
+  a.op_name = op_name;
   a.node_name = info.GetNodeName();
-  const std::string& node = a.node_name;
+  auto fail = [&a](const char* attribute, const auto&... parts) {
+    Fail(a.op_name, a.node_name, "attribute", attribute, parts...);
+  };
 
   a.has_scale = HasAttribute(info, "scale");
-  if (a.has_scale) a.scale = Attribute<float>(info, node, "scale", 0.f);
+  if (a.has_scale) a.scale = Attribute<float>(info, a, "scale", 0.f);
 
-  const int64_t is_causal = Attribute<int64_t>(info, node, "is_causal", 0);
-  if (is_causal != 0 && is_causal != 1) Fail(node, "attribute", "is_causal", "expected 0 or 1, got ", is_causal);
+  const int64_t is_causal = Attribute<int64_t>(info, a, "is_causal", 0);
+  if (is_causal != 0 && is_causal != 1) fail("is_causal", "expected 0 or 1, got ", is_causal);
   a.is_causal = is_causal == 1;
 
-  a.k = Attribute<int64_t>(info, node, "k", 0);
-  if (a.k < 0) Fail(node, "attribute", "k", "expected >= 0, got ", a.k);
+  a.k = Attribute<int64_t>(info, a, "k", 0);
+  if (a.k < 0) fail("k", "expected >= 0, got ", a.k);
 
-  const std::string placement = Attribute<std::string>(info, node, "placement", "post_softmax");
+  const std::string placement = Attribute<std::string>(info, a, "placement", "post_softmax");
   if (placement == "post_softmax") a.placement = Placement::kPostSoftmax;
   else if (placement == "pre_softmax") a.placement = Placement::kPreSoftmax;
-  else Fail(node, "attribute", "placement", "expected post_softmax or pre_softmax, got '", placement, "'");
+  else fail("placement", "expected post_softmax or pre_softmax, got '", placement, "'");
 
   // compensation: none, or +-joined tokens; at most one sdc_*, and sdc_* needs pre_softmax.
-  const std::string compensation = Attribute<std::string>(info, node, "compensation", "vmc");
+  const std::string compensation = Attribute<std::string>(info, a, "compensation", "vmc");
   a.vmc = false;
   std::string sdc_token;
   if (compensation != "none") {
@@ -131,89 +126,63 @@ Attributes ParseAttributes(const OrtKernelInfo* raw_info) {
       if (t == "sdc_exact") sdc = Sdc::kExact;
       else if (t == "sdc_exp_threshold") sdc = Sdc::kExpThreshold;
       else if (t == "sdc_calibrated") sdc = Sdc::kCalibrated;
-      else Fail(node, "attribute", "compensation", "unknown token '", t,
+      else fail("compensation", "unknown token '", t,
                 "' (expected none or +-joined vmc, sdc_exact, sdc_exp_threshold, sdc_calibrated)");
-      if (a.sdc != Sdc::kNone) Fail(node, "attribute", "compensation", "at most one sdc_* token, got ", sdc_token, " and ", t);
+      if (a.sdc != Sdc::kNone) fail("compensation", "at most one sdc_* token, got ", sdc_token, " and ", t);
       a.sdc = sdc;
       sdc_token = t;
     }
   }
   if (a.sdc != Sdc::kNone && a.placement != Placement::kPreSoftmax) {
-    Fail(node, "attribute", "compensation", sdc_token, " needs placement=pre_softmax, got ", placement);
+    fail("compensation", sdc_token, " needs placement=pre_softmax, got ", placement);
   }
 
-  const std::string layout = Attribute<std::string>(info, node, "kv_layout", "concat");
+  const std::string layout = Attribute<std::string>(info, a, "kv_layout", "concat");
   if (layout == "concat") a.kv_layout = KvLayout::kConcat;
   else if (layout == "shared_buffer") a.kv_layout = KvLayout::kSharedBuffer;
-  else Fail(node, "attribute", "kv_layout", "expected concat or shared_buffer, got '", layout, "'");
+  else fail("kv_layout", "expected concat or shared_buffer, got '", layout, "'");
 
-  a.calibrated_max_length = Attribute<int64_t>(info, node, "calibrated_max_length", 0);
+  a.calibrated_max_length = Attribute<int64_t>(info, a, "calibrated_max_length", 0);
   return a;
 }
 
 // --- inputs ----------------------------------------------------------------------------------
 
-namespace {
+Tensor InputChecker::Get(size_t index) const {
+  Tensor t;
+  if (index >= ctx_.GetInputCount()) return t;
+  Ort::ConstValue value = ctx_.GetInput(index);
+  if (!value) return t;
+  auto info = value.GetTensorTypeAndShapeInfo();
+  t.present = true;
+  t.type = info.GetElementType();
+  t.shape = info.GetShape();
+  t.data = value.GetTensorRawData();
+  return t;
+}
 
-struct Tensor {
-  bool present = false;
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int64_t> shape;
-  const void* data = nullptr;
-};
+void InputChecker::Type(size_t index, const Tensor& t, ONNXTensorElementDataType expected) const {
+  if (t.type != expected) Fail(index, "expected ", TypeName(expected), ", got ", TypeName(t.type));
+}
 
-class Checker {
- public:
-  Checker(const std::string& node, Ort::KernelContext& ctx) : node_(node), ctx_(ctx) {}
-
-  Tensor Get(size_t index) const {
-    Tensor t;
-    if (index >= ctx_.GetInputCount()) return t;
-    Ort::ConstValue value = ctx_.GetInput(index);
-    if (!value) return t;
-    auto info = value.GetTensorTypeAndShapeInfo();
-    t.present = true;
-    t.type = info.GetElementType();
-    t.shape = info.GetShape();
-    t.data = value.GetTensorRawData();
-    return t;
-  }
-
-  template <typename... Parts>
-  [[noreturn]] void Fail(size_t index, const Parts&... parts) const {
-    topt::ort::Fail(node_, "input", kInputNames[index], parts...);
-  }
-
-  void Type(size_t index, const Tensor& t, ONNXTensorElementDataType expected) const {
-    if (t.type != expected) Fail(index, "expected ", TypeName(expected), ", got ", TypeName(t.type));
-  }
-
-  // Checks the shape against `expected`; -1 entries are free.
-  void Shape(size_t index, const Tensor& t, const std::vector<int64_t>& expected, const char* letters) const {
-    bool ok = t.shape.size() == expected.size();
-    for (size_t i = 0; ok && i < expected.size(); ++i) ok = expected[i] < 0 || expected[i] == t.shape[i];
-    if (!ok) {
-      std::vector<int64_t> shown(expected);
-      std::ostringstream want;
-      want << letters;
-      bool known = false;
-      for (int64_t d : shown) known |= d >= 0;
-      if (known) {
-        want << " = [";
-        for (size_t i = 0; i < shown.size(); ++i) {
-          want << (i ? ", " : "");
-          if (shown[i] < 0) want << '?'; else want << shown[i];
-        }
-        want << ']';
-      }
-      Fail(index, "expected shape ", want.str(), ", got ", ShapeText(t.shape));
+void InputChecker::Shape(size_t index, const Tensor& t, const std::vector<int64_t>& expected, const char* letters) const {
+  bool ok = t.shape.size() == expected.size();
+  for (size_t i = 0; ok && i < expected.size(); ++i) ok = expected[i] < 0 || expected[i] == t.shape[i];
+  if (ok) return;
+  std::ostringstream want;
+  want << letters;
+  bool known = false;
+  for (int64_t d : expected) known |= d >= 0;
+  if (known) {
+    want << " = [";
+    for (size_t i = 0; i < expected.size(); ++i) {
+      want << (i ? ", " : "");
+      if (expected[i] < 0) want << '?'; else want << expected[i];
     }
+    want << ']';
   }
-
- private:
-  const std::string& node_;
-  Ort::KernelContext& ctx_;
-};
+  Fail(index, "expected shape ", want.str(), ", got ", ShapeText(t.shape));
+}
 
 void* AllocateOutput(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) {
   if (index >= ctx.GetOutputCount()) return nullptr;
@@ -222,13 +191,7 @@ void* AllocateOutput(Ort::KernelContext& ctx, size_t index, const std::vector<in
   return value.GetTensorMutableRawData();
 }
 
-}  // namespace
-
-TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes& a, bool values_on_host) {
-  Ort::KernelContext ctx(raw_context);
-  Checker c(a.node_name, ctx);
-  TopThetaParams p;
-
+void ReadAttentionInputs(const InputChecker& c, const Attributes& a, TopThetaParams& p) {
   // Q, K, V: [B, Hq, S, Dh], [B, Hkv, Skv, Dh], [B, Hkv, Skv, Dv].
   const Tensor q = c.Get(kQ), k = c.Get(kK), v = c.Get(kV);
   // Each op instance is registered for its T, so ORT has already matched Q's type; this catches
@@ -253,6 +216,9 @@ TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes
   c.Type(kV, v, q.type);
   c.Shape(kV, v, {p.B, p.Hkv, p.Skv, -1}, "[B, Hkv, Skv, Dv]");
   p.Dv = v.shape[3];
+  p.q = q.data;
+  p.k_new = k.data;
+  p.v_new = v.data;
 
   // Past KV: concat [B, Hkv, P, ·] (optional); shared_buffer [B, Hkv, M, ·] (required).
   const Tensor past_k = c.Get(kPastKey), past_v = c.Get(kPastValue);
@@ -261,6 +227,7 @@ TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes
     c.Fail(past_k.present ? kPastValue : kPastKey, "past_key and past_value must be given together");
   }
   if (shared && !past_k.present) c.Fail(kPastKey, "required when kv_layout=shared_buffer");
+  if (shared && p.Skv != p.S) c.Fail(kK, "kv_layout=shared_buffer needs Skv = S = ", p.S, ", got Skv = ", p.Skv);
   if (past_k.present) {
     c.Type(kPastKey, past_k, q.type);
     c.Shape(kPastKey, past_k, {p.B, p.Hkv, -1, p.Dh}, shared ? "[B, Hkv, M, Dh]" : "[B, Hkv, P, Dh]");
@@ -268,26 +235,10 @@ TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes
     c.Type(kPastValue, past_v, q.type);
     c.Shape(kPastValue, past_v, {p.B, p.Hkv, p.P, p.Dv}, shared ? "[B, Hkv, M, Dv]" : "[B, Hkv, P, Dv]");
   }
-
-  const Tensor seqlens = c.Get(kPastSeqlens);
-  if (shared) {
-    if (p.Skv != p.S) c.Fail(kK, "kv_layout=shared_buffer needs Skv = S = ", p.S, ", got Skv = ", p.Skv);
-    if (!seqlens.present) c.Fail(kPastSeqlens, "required when kv_layout=shared_buffer");
-    c.Type(kPastSeqlens, seqlens, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
-    c.Shape(kPastSeqlens, seqlens, {p.B}, "[B]");
-    if (values_on_host) {
-      const int32_t* lens = static_cast<const int32_t*>(seqlens.data);
-      for (int64_t b = 0; b < p.B; ++b) {
-        if (lens[b] < 0 || lens[b] + p.S > p.P) {
-          c.Fail(kPastSeqlens, "past_seqlens[", b, "] = ", lens[b], " out of range: needs 0 <= past_seqlens[b] and past_seqlens[b] + S <= M (S = ", p.S, ", M = ", p.P, ")");
-        }
-      }
-    }
-    p.past_seqlens = static_cast<const int32_t*>(seqlens.data);
-  } else if (seqlens.present) {
-    c.Fail(kPastSeqlens, "only for kv_layout=shared_buffer; omit it with kv_layout=concat");
-  }
-  const int64_t Ttot = shared ? p.P : p.P + p.Skv;
+  p.past_key = past_k.data;
+  p.past_value = past_v.data;
+  p.kv_layout = a.kv_layout;
+  const int64_t Ttot = p.total_kv();
 
   // attn_mask: bool or T, rank 2-4, broadcast to [B, Hq, S, Ttot] from the right.
   const Tensor mask = c.Get(kAttnMask);
@@ -316,26 +267,65 @@ TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes
     p.mask_stride_s = strides[2];
     p.mask_stride_t = strides[3];
   }
+}
 
-  // Row lengths [L] (they define L) and thresholds [Hq, L].
-  const Tensor thresholds = c.Get(kThresholds), lengths = c.Get(kThresholdLengths);
-  c.Type(kThresholdLengths, lengths, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
-  c.Shape(kThresholdLengths, lengths, {-1}, "[L]");
+void ReadThresholdLengths(const InputChecker& c, size_t index, bool values_on_host, TopThetaParams& p) {
+  const Tensor lengths = c.Get(index);
+  c.Type(index, lengths, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+  c.Shape(index, lengths, {-1}, "[L]");
   p.L = lengths.shape[0];
-  if (p.L < 1) c.Fail(kThresholdLengths, "needs L >= 1 lengths, got shape ", ShapeText(lengths.shape));
-  c.Type(kThresholds, thresholds, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  c.Shape(kThresholds, thresholds, {p.Hq, p.L}, "[Hq, L]");
-  if (values_on_host) {
-    const int64_t* len = static_cast<const int64_t*>(lengths.data);
-    for (int64_t i = 0; i < p.L; ++i) {
-      if (len[i] < 0) c.Fail(kThresholdLengths, "expected lengths >= 0, got ", len[i], " at ", i);
-      if (i > 0 && len[i] <= len[i - 1]) {
-        c.Fail(kThresholdLengths, "expected strictly increasing lengths, got ", len[i - 1], " then ", len[i], " at ", i);
-      }
+  if (p.L < 1) c.Fail(index, "needs L >= 1 lengths, got shape ", ShapeText(lengths.shape));
+  const int64_t* len = static_cast<const int64_t*>(lengths.data);
+  for (int64_t i = 0; values_on_host && i < p.L; ++i) {
+    if (len[i] < 0) c.Fail(index, "expected lengths >= 0, got ", len[i], " at ", i);
+    if (i > 0 && len[i] <= len[i - 1]) {
+      c.Fail(index, "expected strictly increasing lengths, got ", len[i - 1], " then ", len[i], " at ", i);
     }
   }
+  p.threshold_lengths = len;
+}
+
+void ApplyAttributes(const Attributes& a, TopThetaParams& p) {
+  p.scale = a.has_scale ? a.scale : 1.f / std::sqrt(float(p.Dh));
+  p.is_causal = a.is_causal;
+  p.k = a.k;
+  p.placement = a.placement;
+  p.sdc = a.sdc;
+  p.vmc = a.vmc;
+  p.kv_layout = a.kv_layout;
+  p.calibrated_max_length = a.calibrated_max_length;
+}
+
+TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes& a, bool values_on_host) {
+  Ort::KernelContext ctx(raw_context);
+  const InputChecker c(a, kInputNames, ctx);
+  TopThetaParams p;
+  ReadAttentionInputs(c, a, p);
+
+  const Tensor seqlens = c.Get(kPastSeqlens);
+  if (a.kv_layout == KvLayout::kSharedBuffer) {
+    if (!seqlens.present) c.Fail(kPastSeqlens, "required when kv_layout=shared_buffer");
+    c.Type(kPastSeqlens, seqlens, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
+    c.Shape(kPastSeqlens, seqlens, {p.B}, "[B]");
+    if (values_on_host) {
+      const int32_t* lens = static_cast<const int32_t*>(seqlens.data);
+      for (int64_t b = 0; b < p.B; ++b) {
+        if (lens[b] < 0 || lens[b] + p.S > p.P) {
+          c.Fail(kPastSeqlens, "past_seqlens[", b, "] = ", lens[b], " out of range: needs 0 <= past_seqlens[b] and past_seqlens[b] + S <= M (S = ", p.S, ", M = ", p.P, ")");
+        }
+      }
+    }
+    p.past_seqlens = static_cast<const int32_t*>(seqlens.data);
+  } else if (seqlens.present) {
+    c.Fail(kPastSeqlens, "only for kv_layout=shared_buffer; omit it with kv_layout=concat");
+  }
+
+  // Row lengths [L] (they define L) and thresholds [Hq, L].
+  ReadThresholdLengths(c, kThresholdLengths, values_on_host, p);
+  const Tensor thresholds = c.Get(kThresholds);
+  c.Type(kThresholds, thresholds, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  c.Shape(kThresholds, thresholds, {p.Hq, p.L}, "[Hq, L]");
   p.thresholds = static_cast<const float*>(thresholds.data);
-  p.threshold_lengths = static_cast<const int64_t*>(lengths.data);
 
   const Tensor v_sum = c.Get(kPastVSum);
   if (v_sum.present) {
@@ -351,24 +341,10 @@ TopThetaParams ParamsFromContext(OrtKernelContext* raw_context, const Attributes
     c.Shape(kSdcLogMass, log_mass, {p.Hq, p.L}, "[Hq, L]");
     p.sdc_log_mass = static_cast<const float*>(log_mass.data);
   }
-
-  // Attributes.
-  p.scale = a.has_scale ? a.scale : 1.f / std::sqrt(float(p.Dh));
-  p.is_causal = a.is_causal;
-  p.k = a.k;
-  p.placement = a.placement;
-  p.sdc = a.sdc;
-  p.vmc = a.vmc;
-  p.kv_layout = a.kv_layout;
-  p.calibrated_max_length = a.calibrated_max_length;
-
-  p.q = q.data;
-  p.k_new = k.data;
-  p.v_new = v.data;
-  p.past_key = past_k.data;
-  p.past_value = past_v.data;
+  ApplyAttributes(a, p);
 
   // Outputs.
+  const int64_t Ttot = p.total_kv();
   p.y = AllocateOutput(ctx, kY, {p.B, p.Hq, p.S, p.Dv});
   p.present_key = AllocateOutput(ctx, kPresentKey, {p.B, p.Hkv, Ttot, p.Dh});
   p.present_value = AllocateOutput(ctx, kPresentValue, {p.B, p.Hkv, Ttot, p.Dv});

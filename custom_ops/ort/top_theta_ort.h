@@ -1,9 +1,12 @@
 // ORT glue shared by every TopThetaAttention op class (CPU, CUDA): the op's signature, its
 // attributes, and the TopThetaParams filled from an OrtKernelContext. docs/op.md is the contract.
+// TopThetaCalibrate (top_theta_calibrate_op.h) reuses the attributes and the input pieces below.
 // Errors throw Ort::Exception(ORT_INVALID_ARGUMENT) naming the node and the input or attribute;
 // the op classes turn them into an OrtStatus (ToStatus), so Python gets an exception, never a crash.
 #pragma once
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include "onnxruntime_cxx_api.h"
 #include "top_theta_params.h"
@@ -32,6 +35,7 @@ OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t index);
 
 // The attributes, parsed and validated once per node (at session creation).
 struct Attributes {
+  const char* op_name = kOpName;  // the op type, for error messages
   std::string node_name;
   bool has_scale = false;  // absent: 1/sqrt(Dh)
   float scale = 0.f;
@@ -43,7 +47,7 @@ struct Attributes {
   KvLayout kv_layout = KvLayout::kConcat;
   int64_t calibrated_max_length = 0;
 };
-Attributes ParseAttributes(const OrtKernelInfo* info);
+Attributes ParseAttributes(const OrtKernelInfo* info, const char* op_name = kOpName);
 
 // Validates the inputs, allocates the requested outputs and fills the params.
 // `values_on_host`: threshold_lengths and past_seqlens are host memory, so their values are
@@ -52,6 +56,56 @@ TopThetaParams ParamsFromContext(OrtKernelContext* context, const Attributes& at
                                  bool values_on_host = true);
 
 DType ToDType(ONNXTensorElementDataType t);
+
+// --- pieces shared by the ops' parsers (TopThetaAttention, TopThetaCalibrate) ------------------
+
+// Throws Ort::Exception(ORT_INVALID_ARGUMENT): "<op> node '<node>': <kind> '<what>': <parts>".
+template <typename... Parts>
+[[noreturn]] void Fail(const char* op, const std::string& node, const char* kind, const char* what,
+                       const Parts&... parts) {
+  std::ostringstream out;
+  out << op << " node '" << node << "': " << kind << " '" << what << "': ";
+  (out << ... << parts);
+  throw Ort::Exception(out.str(), ORT_INVALID_ARGUMENT);
+}
+
+struct Tensor {
+  bool present = false;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+};
+
+// Reads a node's inputs; every error names the node and the input (`input_names`: the op's table).
+class InputChecker {
+ public:
+  InputChecker(const Attributes& a, const char* const* input_names, Ort::KernelContext& ctx)
+      : a_(a), names_(input_names), ctx_(ctx) {}
+
+  Tensor Get(size_t index) const;
+  template <typename... Parts>
+  [[noreturn]] void Fail(size_t index, const Parts&... parts) const {
+    topt::ort::Fail(a_.op_name, a_.node_name, "input", names_[index], parts...);
+  }
+  void Type(size_t index, const Tensor& t, ONNXTensorElementDataType expected) const;
+  // Checks the shape against `expected`; -1 entries are free.
+  void Shape(size_t index, const Tensor& t, const std::vector<int64_t>& expected, const char* letters) const;
+
+ private:
+  const Attributes& a_;
+  const char* const* names_;
+  Ort::KernelContext& ctx_;
+};
+
+// Inputs 0-5 (Q, K, V, attn_mask, past_key, past_value), whose indices both ops share: sizes,
+// dtype, pointers and mask strides into p.
+void ReadAttentionInputs(const InputChecker& c, const Attributes& a, TopThetaParams& p);
+// threshold_lengths at `index`: int64 [L], L >= 1 (and, when on the host, >= 0 and increasing).
+void ReadThresholdLengths(const InputChecker& c, size_t index, bool values_on_host, TopThetaParams& p);
+// The attributes into p (scale defaults to 1/sqrt(Dh), so after ReadAttentionInputs).
+void ApplyAttributes(const Attributes& a, TopThetaParams& p);
+// The output's buffer, or nullptr when the node does not request it.
+void* AllocateOutput(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape);
 
 // Runs `body`, turning any exception into an OrtStatus (nullptr on success).
 template <typename F>

@@ -28,6 +28,35 @@ def top_theta_attention(
     attrs = Attributes(scale, int(is_causal), int(k), placement, compensation, kv_layout,
                        int(calibrated_max_length)).validate()
     comp = Compensation.parse(compensation, placement)
+    Hq = _shape(Q, "Q", 4)[1]
+    thresholds = np.asarray(thresholds, dtype=np.float32)
+    lengths = _lengths(threshold_lengths)
+    L = lengths.shape[0]
+    _check(thresholds.shape == (Hq, L), f"thresholds: expected [Hq={Hq}, L={L}], got {list(thresholds.shape)}")
+    if comp.sdc == "calibrated":
+        _check(sdc_log_mass is not None and np.shape(sdc_log_mass) == (Hq, L),
+               f"sdc_log_mass: expected [Hq={Hq}, L={L}] with sdc_calibrated")
+
+    margin = np.inf
+
+    def table_theta(b, h, i, col, a, vis, n):
+        nonlocal margin
+        theta = float(thresholds[h, col])
+        if n > attrs.k and np.isfinite(theta):
+            margin = min(margin, _decision_margin(a[vis], theta, placement))
+        return theta
+
+    outputs = attention_rows(Q, K, V, attn_mask, past_key, past_value, past_seqlens, past_v_sum,
+                             sdc_log_mass, lengths, attrs, comp, table_theta)
+    return (outputs, margin) if return_decision_margin else outputs
+
+
+def attention_rows(Q, K, V, attn_mask, past_key, past_value, past_seqlens, past_v_sum, sdc_log_mass,
+                   lengths, attrs, comp, row_theta):
+    """op.md's math with θ of each row from `row_theta(b, h, i, col, a, vis, n)`, called once per
+    row with n >= 1 (a: the row's scores over every key, vis: its visible keys, col: its column).
+    Shared by TopThetaAttention (θ from the table) and TopThetaCalibrate (θ = the row's top-k cut).
+    Returns (Y, present_key, present_value, present_v_sum, stats)."""
     B, Hq, S, Dh = _shape(Q, "Q", 4)
     _, Hkv, Skv, _ = _shape(K, "K", 4)
     Dv = _shape(V, "V", 4)[3]
@@ -38,16 +67,9 @@ def top_theta_attention(
     for name, x in (("K", K), ("V", V), ("past_key", past_key), ("past_value", past_value)):
         _check(x is None or x.dtype == Q.dtype, f"{name}: expected {Q.dtype} like Q, got {getattr(x, 'dtype', None)}")
     G = Hq // Hkv
+    kv_layout, is_causal, k = attrs.kv_layout, attrs.is_causal, attrs.k
+    calibrated_max_length = attrs.calibrated_max_length
     scale = 1.0 / np.sqrt(Dh) if attrs.scale is None else float(attrs.scale)
-
-    thresholds = np.asarray(thresholds, dtype=np.float32)
-    lengths = np.asarray(threshold_lengths, dtype=np.int64)
-    L = lengths.shape[0] if lengths.ndim == 1 else -1
-    _check(L >= 1 and thresholds.shape == (Hq, L), f"thresholds: expected [Hq={Hq}, L={L}], got {list(thresholds.shape)}")
-    _check(bool(np.all(np.diff(lengths) > 0)) and lengths[0] >= 0, "threshold_lengths: expected strictly increasing lengths >= 0")
-    if comp.sdc == "calibrated":
-        _check(sdc_log_mass is not None and np.shape(sdc_log_mass) == (Hq, L),
-               f"sdc_log_mass: expected [Hq={Hq}, L={L}] with sdc_calibrated")
 
     # The full key/value sequences, the present outputs, and where each batch's new rows start.
     if kv_layout == "concat":
@@ -86,7 +108,6 @@ def top_theta_attention(
     Y = np.zeros((B, Hq, S, Dv), dtype=np.float64)
     stats = np.zeros((B, Hq, NUM_STATS), dtype=np.int64)
     kept_sets = np.zeros((B, Hq, S, total), dtype=bool)
-    margin = np.inf
     for b in range(B):
         is_new = (np.arange(total) >= new_start[b]) & (np.arange(total) < new_start[b] + (S if kv_layout == "shared_buffer" else Skv))
         for h in range(Hq):
@@ -97,12 +118,10 @@ def top_theta_attention(
                 if n == 0:
                     continue  # fully masked row: Y = 0, not counted
                 a = scale * (k64[b, g] @ q64[b, h, i]) + bias[b, h, i]
-                col = max(int(np.searchsorted(lengths, n, side="right")) - 1, 0)
-                theta = float(thresholds[h, col])
+                col = threshold_column(lengths, n)
+                theta = row_theta(b, h, i, col, a, vis, n)
                 keep, p = _keep_and_probabilities(a, vis, n, theta, attrs, comp, sdc_log_mass, h, col)
                 kept_sets[b, h, i] = keep
-                if n > k and np.isfinite(theta):
-                    margin = min(margin, _decision_margin(a[vis], theta, placement))
                 if p is not None:
                     y = p[keep] @ v64[b, g, keep]
                     if comp.vmc:
@@ -119,9 +138,8 @@ def top_theta_attention(
             stats[b, g * G:(g + 1) * G, 5] = union_rows
 
     present_v_sum = _present_v_sum(v64, visible, new_start, past_v_sum, kv_layout, S, Skv, G, total)
-    outputs = (Y.astype(Q.dtype), k_all.astype(Q.dtype), v_all.astype(Q.dtype),
-               present_v_sum.astype(np.float32), stats)
-    return (outputs, margin) if return_decision_margin else outputs
+    return (Y.astype(Q.dtype), k_all.astype(Q.dtype), v_all.astype(Q.dtype),
+            present_v_sum.astype(np.float32), stats)
 
 
 def _decision_margin(a, theta, placement):
@@ -140,7 +158,7 @@ def _keep_and_probabilities(a, vis, n, theta, attrs, comp, sdc_log_mass, h, col)
         return vis.copy(), np.full_like(a, np.nan)  # a NaN score makes the row NaN
     if mx == -np.inf:
         return np.zeros_like(vis), None  # every visible score is -inf: Y = 0
-    e = np.where(vis, np.exp(np.where(vis, a, mx) - mx), 0.0)
+    e = exp_shifted(a, vis, mx)
     dense = n <= attrs.k
     if attrs.placement == "post_softmax":
         p = e / e.sum()
@@ -161,6 +179,11 @@ def _keep_and_probabilities(a, vis, n, theta, attrs, comp, sdc_log_mass, h, col)
     if denominator == 0:
         return keep, np.zeros_like(e)  # nothing kept, nothing compensated
     return keep, np.where(keep, e / denominator, 0.0)
+
+
+def exp_shifted(a, vis, mx):
+    """e_j = exp(a_j - mx) on the visible keys, 0 elsewhere (op.md, Scores)."""
+    return np.where(vis, np.exp(np.where(vis, a, mx) - mx), 0.0)
 
 
 def _visibility(attn_mask, kv_layout, is_causal, B, Hq, S, total, new_start):
@@ -205,6 +228,19 @@ def _present_v_sum(v64, visible, new_start, past_v_sum, kv_layout, S, Skv, G, to
             base = past_v_sum[b, g].astype(np.float64) if past_v_sum is not None else v64[b, g, seen & ~is_new].sum(axis=0)
             out[b, g] = base + v64[b, g, seen & is_new].sum(axis=0)
     return out
+
+
+def _lengths(threshold_lengths):
+    """threshold_lengths as int64 [L], checked: L >= 1, strictly increasing, all >= 0."""
+    lengths = np.asarray(threshold_lengths, dtype=np.int64)
+    _check(lengths.ndim == 1 and lengths.shape[0] >= 1, f"threshold_lengths: expected [L] with L >= 1, got {list(lengths.shape)}")
+    _check(bool(np.all(np.diff(lengths) > 0)) and lengths[0] >= 0, "threshold_lengths: expected strictly increasing lengths >= 0")
+    return lengths
+
+
+def threshold_column(lengths, n):
+    """The largest c with lengths[c] <= n, or 0 (op.md, Thresholds)."""
+    return max(int(np.searchsorted(lengths, n, side="right")) - 1, 0)
 
 
 def _shape(x, name, rank):

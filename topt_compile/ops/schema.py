@@ -17,6 +17,16 @@ INPUTS = (
 OUTPUTS = ("Y", "present_key", "present_value", "present_v_sum", "stats")
 REQUIRED_INPUTS = ("Q", "K", "V", "thresholds", "threshold_lengths")
 
+# TopThetaCalibrate (op.md, last section): inputs 0-5 as above, then the column grid; exact top-k
+# attention out, with fixed-size per-(head, column) sums for the calibrator.
+CALIBRATE_OP_TYPE = "TopThetaCalibrate"
+CALIBRATE_INPUTS = ("Q", "K", "V", "attn_mask", "past_key", "past_value", "threshold_lengths")
+CALIBRATE_OUTPUTS = ("Y", "present_key", "present_value", "theta_sums", "sdc_sums", "stats")
+CALIBRATE_REQUIRED_INPUTS = ("Q", "K", "V", "threshold_lengths")
+CALIBRATE_ATTRIBUTES = ("scale", "is_causal", "k", "placement", "compensation")
+THETA_SUMS_COLUMNS = ("rows", "theta_sum", "theta_square_sum")
+SDC_SUMS_COLUMNS = ("rows", "log_mass_sum")
+
 PLACEMENTS = ("post_softmax", "pre_softmax")
 SDC_TOKENS = ("sdc_exact", "sdc_exp_threshold", "sdc_calibrated")
 COMPENSATION_TOKENS = ("vmc",) + SDC_TOKENS
@@ -87,16 +97,34 @@ class Attributes:
 
 def make_node(inputs: dict[str, str], outputs: dict[str, str], attributes: Attributes, name: str = "") -> onnx.NodeProto:
     """A TopThetaAttention NodeProto; `inputs`/`outputs` map op.md names to value names."""
-    unknown = set(inputs) - set(INPUTS) | set(outputs) - set(OUTPUTS)
+    return _make(OP_TYPE, INPUTS, REQUIRED_INPUTS, OUTPUTS, inputs, outputs,
+                 attributes.validate().onnx_attributes(), name)
+
+
+def make_calibrate_node(inputs: dict[str, str], outputs: dict[str, str], attributes: Attributes,
+                        name: str = "") -> onnx.NodeProto:
+    """A TopThetaCalibrate NodeProto (op.md, last section): TopThetaAttention's attributes less
+    kv_layout (concat only) and calibrated_max_length (nothing is calibrated yet)."""
+    attributes.validate()
+    if attributes.kv_layout != "concat":
+        raise ValueError(f"kv_layout: {CALIBRATE_OP_TYPE} supports concat only, got {attributes.kv_layout!r}")
+    if attributes.calibrated_max_length != 0:
+        raise ValueError(f"calibrated_max_length: not an attribute of {CALIBRATE_OP_TYPE}, got {attributes.calibrated_max_length}")
+    attrs = {n: v for n, v in attributes.onnx_attributes().items() if n in CALIBRATE_ATTRIBUTES}
+    return _make(CALIBRATE_OP_TYPE, CALIBRATE_INPUTS, CALIBRATE_REQUIRED_INPUTS, CALIBRATE_OUTPUTS,
+                 inputs, outputs, attrs, name)
+
+
+def _make(op_type, input_names, required, output_names, inputs, outputs, attrs, name) -> onnx.NodeProto:
+    unknown = set(inputs) - set(input_names) | set(outputs) - set(output_names)
     if unknown:
-        raise ValueError(f"unknown TopThetaAttention input/output names: {sorted(unknown)}")
-    missing = [n for n in REQUIRED_INPUTS if not inputs.get(n)]
+        raise ValueError(f"unknown {op_type} input/output names: {sorted(unknown)}")
+    missing = [n for n in required if not inputs.get(n)]
     if missing:
-        raise ValueError(f"TopThetaAttention needs inputs {missing}")
-    input_list = _trim([inputs.get(n, "") for n in INPUTS])
-    output_list = _trim([outputs.get(n, "") for n in OUTPUTS])
-    return helper.make_node(OP_TYPE, input_list, output_list, name=name, domain=DOMAIN,
-                            **attributes.validate().onnx_attributes())
+        raise ValueError(f"{op_type} needs inputs {missing}")
+    input_list = _trim([inputs.get(n, "") for n in input_names])
+    output_list = _trim([outputs.get(n, "") for n in output_names])
+    return helper.make_node(op_type, input_list, output_list, name=name, domain=DOMAIN, **attrs)
 
 
 def opset_import() -> onnx.OperatorSetIdProto:

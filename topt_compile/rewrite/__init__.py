@@ -1,0 +1,21 @@
+"""The rewrite passes: sites + thresholds → TopThetaAttention nodes, then dead-node removal."""
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+
+from ..match.site import Site
+from ..thresholds.schema import ThresholdTable
+from .insert_top_theta import InsertTopThetaAttention
+
+
+def rewrite(model: ir.Model, sites: list[Site], table: ThresholdTable) -> ir.passes.PassResult:
+    """Rewrites `model` in place: one TopThetaAttention per matched site in `table`."""
+    return ir.passes.Sequential(
+        InsertTopThetaAttention(sites, table),
+        RemoveUnusedNodesPass(),
+        RemoveUnusedOpsetsPass(),
+    )(model)
+
+
+__all__ = ["rewrite", "InsertTopThetaAttention"]
