@@ -1,0 +1,50 @@
+// LaunchTopThetaCuda: picks the decode split-KV path (tt_decode.cu) or the generic kernel
+// (tt_generic.cu), and writes present_key/value and present_v_sum (tt_kv.cu).
+#include "top_theta_cuda.h"
+
+#include "tt_internal.h"
+
+namespace topt {
+namespace {
+
+int g_forced_splits = 0;
+bool g_disable_decode = false;
+
+bool UseDecode(const TopThetaParams& p) { return !g_disable_decode && cuda_detail::DecodeSupported(p); }
+
+}  // namespace
+
+void SetTopThetaCudaTuning(int decode_splits, bool disable_decode_path) {
+  g_forced_splits = decode_splits;
+  g_disable_decode = disable_decode_path;
+}
+
+int64_t TopThetaCudaWorkspaceBytes(const TopThetaParams& p) {
+  if (!UseDecode(p)) return 0;
+  return cuda_detail::DecodeWorkspaceBytes(p, cuda_detail::DecodeSplits(p, g_forced_splits));
+}
+
+cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
+  const bool decode = UseDecode(p);
+  cudaError_t err = cuda_detail::LaunchPresentKv(p, /*new_rows=*/!decode, stream);
+  if (err != cudaSuccess) return err;
+  if (decode) {  // writes Y, stats, present_v_sum and present's new rows
+    const int splits = cuda_detail::DecodeSplits(p, g_forced_splits);
+    const int64_t bytes = cuda_detail::DecodeWorkspaceBytes(p, splits);
+    void* ws = p.workspace;
+    const bool own = ws == nullptr || p.workspace_bytes < bytes;
+    if (own && (err = cudaMallocAsync(&ws, size_t(bytes), stream)) != cudaSuccess) return err;
+    err = cuda_detail::LaunchDecode(p, splits, ws, stream);
+    if (own) {
+      const cudaError_t free_err = cudaFreeAsync(ws, stream);
+      if (err == cudaSuccess) err = free_err;
+    }
+    return err;
+  }
+  if (p.stats && (err = cudaMemsetAsync(p.stats, 0, size_t(p.B * p.Hq * kNumStats) * sizeof(int64_t), stream)) != cudaSuccess)
+    return err;
+  if ((err = cuda_detail::LaunchGeneric(p, stream)) != cudaSuccess) return err;
+  return cuda_detail::LaunchPresentVSum(p, stream);
+}
+
+}  // namespace topt

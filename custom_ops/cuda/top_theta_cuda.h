@@ -1,0 +1,24 @@
+// TopThetaAttention on CUDA (docs/op.md): the launcher. No ONNX Runtime header.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "../include/top_theta_params.h"
+
+namespace topt {
+
+// Runs the op on `stream` for p.dtype float32, float16 or bfloat16. The caller has validated
+// shapes and values; pointers are device pointers (16-byte aligned rows take the fast paths).
+// Scratch: p.workspace if it holds TopThetaCudaWorkspaceBytes(p) bytes, else stream-ordered
+// cudaMallocAsync/cudaFreeAsync. Returns the first CUDA error (launch errors included).
+cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream);
+
+// Bytes of scratch LaunchTopThetaCuda needs for `p` on the current device (0 if none).
+int64_t TopThetaCudaWorkspaceBytes(const TopThetaParams& p);
+
+// Benchmark/test hooks: force the KV-split count of the decode path (0: automatic) and
+// disable the decode fast path (every call then takes the generic kernel).
+void SetTopThetaCudaTuning(int decode_splits, bool disable_decode_path);
+
+}  // namespace topt

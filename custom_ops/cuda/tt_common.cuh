@@ -1,0 +1,144 @@
+// Device helpers shared by the TopThetaAttention CUDA kernels: element conversion, the KV row
+// geometry of both layouts, visibility (op.md, Visibility and row length), threshold columns.
+#pragma once
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../include/top_theta_params.h"
+
+namespace topt {
+namespace cuda_detail {
+
+constexpr float kMaskedAtOrBelow = -10000.f;  // a float mask entry m <= -10000 masks the key
+
+template <typename T> __device__ __forceinline__ float ToF(T x);
+template <> __device__ __forceinline__ float ToF<float>(float x) { return x; }
+template <> __device__ __forceinline__ float ToF<__half>(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T FromF(float x);
+template <> __device__ __forceinline__ float FromF<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half FromF<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// 16 bytes of T as floats: E = 16 / sizeof(T) elements.
+template <typename T> struct Vec16 { static constexpr int E = 16 / sizeof(T); };
+template <typename T>
+__device__ __forceinline__ void Unpack16(const uint4& u, float* out) {
+  const T* x = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int e = 0; e < Vec16<T>::E; ++e) out[e] = ToF<T>(x[e]);
+}
+
+// Keys of batch b: rows [0, past_rows) come from the past buffer, [past_rows, valid_end) from the
+// new input; query i sits at position past_rows + i and, when causal, sees keys j <= it.
+struct KvGeom {
+  int64_t past_rows, valid_end, causal_off, past_len;  // past_len: rows per (b, g) in the buffer
+};
+
+__device__ __forceinline__ KvGeom GetGeom(const TopThetaParams& p, int64_t b) {
+  KvGeom g;
+  if (p.kv_layout == KvLayout::kSharedBuffer) {
+    g.past_rows = p.past_seqlens[b];
+    g.past_len = p.P;
+  } else {
+    g.past_rows = p.past_key ? p.P : 0;
+    g.past_len = g.past_rows;
+  }
+  g.valid_end = g.past_rows + p.Skv;
+  g.causal_off = g.past_rows;
+  return g;
+}
+
+// Row j of Kall (d = Dh) or Vall (d = Dv) for (b, kv head g).
+template <typename T>
+__device__ __forceinline__ const T* KvRow(const void* past, const void* fresh, const TopThetaParams& p,
+                                          const KvGeom& geo, int64_t b, int64_t g, int64_t j, int64_t d) {
+  const int64_t bg = b * p.Hkv + g;
+  return j < geo.past_rows ? static_cast<const T*>(past) + (bg * geo.past_len + j) * d
+                           : static_cast<const T*>(fresh) + (bg * p.Skv + (j - geo.past_rows)) * d;
+}
+
+// End (exclusive) of the keys row (b, i) may see before the mask: valid and causal.
+__device__ __forceinline__ int64_t RowEnd(const TopThetaParams& p, const KvGeom& geo, int64_t i) {
+  int64_t end = geo.valid_end;
+  if (p.is_causal) end = max(int64_t(0), min(end, geo.causal_off + i + 1));
+  return end;
+}
+
+// Mask of key j for row (b, h, i): false if masked; `add` gets the float mask value (0 otherwise).
+// A NaN float entry is not <= -10000: visible, and its NaN makes the score NaN.
+template <typename T>
+__device__ __forceinline__ bool MaskVisible(const TopThetaParams& p, int64_t base, int64_t j, float& add) {
+  add = 0.f;
+  if (p.mask_kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[base + j * p.mask_stride_t] != 0;
+  if (p.mask_kind == MaskKind::kFloat) {
+    add = ToF<T>(static_cast<const T*>(p.mask)[base + j * p.mask_stride_t]);
+    return !(add <= kMaskedAtOrBelow);
+  }
+  return true;
+}
+
+__device__ __forceinline__ int64_t MaskBase(const TopThetaParams& p, int64_t b, int64_t h, int64_t i) {
+  return b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_s;
+}
+
+// Threshold column: the largest c with threshold_lengths[c] <= n, else 0 (L is small).
+__device__ __forceinline__ int64_t ThetaColumn(const TopThetaParams& p, int64_t n) {
+  int64_t c = 0;
+  for (int64_t l = 1; l < p.L; ++l)
+    if (p.threshold_lengths[l] <= n) c = l;
+  return c;
+}
+
+// Per-row constants once n is known.
+struct RowRule {
+  float theta, log_mass;  // log_mass: sdc_log_mass[h, c] (calibrated SDC) or 0
+  bool dense;
+};
+
+__device__ __forceinline__ RowRule GetRule(const TopThetaParams& p, int64_t h, int64_t n) {
+  const int64_t c = ThetaColumn(p, n);
+  RowRule r;
+  r.theta = p.thresholds[h * p.L + c];
+  r.log_mass = (p.sdc == Sdc::kCalibrated && p.sdc_log_mass) ? p.sdc_log_mass[h * p.L + c] : 0.f;
+  r.dense = n <= p.k;
+  return r;
+}
+
+// Y of one row from the row's totals (op.md, Output). A NaN row keeps every visible key (as the
+// CPU kernel counts it in stats) and writes NaN; a row whose scores are all -inf writes 0. acc = Σ_keep e_j v_j, D = Σ_keep e_j,
+// Z = Σ_vis e_j, dropped = Σ_vis∖keep e_j (all relative to mx), vsum = Σ of the rows of v̄.
+// Returns the weights: y = wa · acc + wv · vsum.
+struct OutWeights {
+  float wa, wv;
+  bool zero, nan;
+};
+
+__device__ __forceinline__ OutWeights RowWeights(const TopThetaParams& p, const RowRule& r, int64_t n,
+                                                 int64_t kept, float mx, bool has_nan, float Z, float D,
+                                                 float dropped) {
+  OutWeights w{0.f, 0.f, false, false};
+  if (n == 0) { w.zero = true; return w; }
+  if (has_nan) { w.nan = true; return w; }
+  if (mx == -INFINITY) { w.zero = true; return w; }
+  float denom = Z;
+  if (!r.dense && p.placement == Placement::kPreSoftmax) {
+    float M = 0.f;  // and 0 when the row keeps every visible key
+    if (kept == n) M = 0.f;
+    else if (p.sdc == Sdc::kExact) M = dropped;
+    else if (p.sdc == Sdc::kExpThreshold) M = float(n - kept) * expf(r.theta - mx);
+    else if (p.sdc == Sdc::kCalibrated) M = expf(r.log_mass - mx);
+    denom = D + M;
+  }
+  const float kept_p = denom != 0.f ? D / denom : 0.f;
+  w.wa = denom != 0.f ? 1.f / denom : 0.f;
+  if (p.vmc && !r.dense) w.wv = (1.f - kept_p) / float(n);
+  return w;
+}
+
+}  // namespace cuda_detail
+}  // namespace topt

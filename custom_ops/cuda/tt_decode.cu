@@ -1,0 +1,736 @@
+// Decode (S = 1) TopThetaAttention: split-KV (Flash-Decoding) over one CTA per
+// (KV split, kv head g, batch b) holding the G query heads of the group, so each K tile is read
+// once. Per tile of TK keys: 16-byte K loads → fp32 scores of every head in shared memory →
+// keep decisions → ballot OR across the group → compacted kept row ids → gather of only those V
+// rows (16-byte loads) into per-head accumulators. A merge kernel combines the splits by
+// log-sum-exp and applies SDC/VMC (v̄ from past_v_sum + the new row).
+//   pre_softmax:  one pass (kMode = kPre), online max per head, exact SDC from the running Z.
+//   post_softmax: pass 1 (kScores) writes fp32 scores [B, Hq, Tbuf] and per-split (m, Z);
+//                 pass 2 (kPost) reads them back, keeps p_j = e_j / Z > θ, gathers V.
+#include <algorithm>
+
+#include "tt_common.cuh"
+#include "tt_internal.h"
+
+namespace topt {
+namespace cuda_detail {
+namespace {
+
+enum Mode : int { kPre = 0, kScores = 1, kPost = 2 };
+
+constexpr int kWarps = 4, kThreads = kWarps * 32;
+constexpr int kPartF = 8;  // per (split, head) floats: m, Z, D, dropped, kept, union, nan, n
+enum PartIdx : int { kM = 0, kZ, kD, kDrop, kKeptF, kUnionF, kNanF, kNF };
+
+template <typename T, int D>
+struct Cfg {
+  static constexpr int E = Vec16<T>::E;          // elements per 16-byte load
+  static constexpr int LPR = D / E;               // lanes per row
+  static constexpr int RPW = 32 / LPR;            // rows per warp per load
+  static constexpr int U = 8;                     // loads in flight per lane (score phase)
+  static constexpr int TK = kWarps * RPW * U;     // keys per tile
+  static_assert(LPR <= 32 && TK <= kThreads, "tile shape");
+};
+
+// Workspace layout (floats): part_acc [B, Hkv, splits, G, D], part_f [B, Hkv, splits, G, kPartF],
+// p1 [B, Hkv, splits, G, kPartF] (post pass 1), scores [B, Hq, Tbuf] (post).
+struct Ws {
+  float *acc, *part, *p1, *scores;
+  int64_t tbuf;
+};
+
+__host__ __device__ inline int64_t Tbuf(const TopThetaParams& p) {
+  return p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
+}
+
+__host__ __device__ inline Ws CarveWs(void* base, const TopThetaParams& p, int splits) {
+  Ws w;
+  const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
+  w.acc = static_cast<float*>(base);
+  w.part = w.acc + units * p.Dv;
+  w.p1 = w.part + units * kPartF;
+  w.scores = w.p1 + units * kPartF;
+  w.tbuf = Tbuf(p);
+  return w;
+}
+
+__host__ __device__ inline int64_t WsFloats(const TopThetaParams& p, int splits) {
+  const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
+  const int64_t scores = p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0;
+  return units * (p.Dv + 2 * kPartF) + scores;
+}
+
+// Split s of `splits` over keys [0, n_keys), in whole tiles.
+__device__ __forceinline__ void SplitRange(int64_t n_keys, int s, int splits, int tk, int64_t& lo, int64_t& hi) {
+  int64_t chunk = (n_keys + splits - 1) / splits;
+  chunk = (chunk + tk - 1) / tk * tk;
+  lo = min(n_keys, int64_t(s) * chunk);
+  hi = min(n_keys, lo + chunk);
+}
+
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// n of row (b, h, 0): every valid key without a mask, else the count of visible ones.
+template <typename T>
+__device__ int64_t CountVisible(const TopThetaParams& p, int64_t end, int64_t b, int64_t h, float* red) {
+  if (p.mask_kind == MaskKind::kNone) return end;
+  const int64_t base = MaskBase(p, b, h, 0);
+  float c = 0.f;
+  for (int64_t j = threadIdx.x; j < end; j += kThreads) {
+    float add;
+    c += MaskVisible<T>(p, base, j, add) ? 1.f : 0.f;
+  }
+  c = WarpSum(c);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = c;
+  __syncthreads();
+  float t = 0.f;
+  for (int w = 0; w < kWarps; ++w) t += red[w];
+  return int64_t(t);
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+#ifndef TOPT_DECODE_STAGES
+#define TOPT_DECODE_STAGES 3
+#endif
+#ifndef TOPT_DECODE_MIN_BLOCKS
+#define TOPT_DECODE_MIN_BLOCKS 3
+#endif
+// Programmatic dependent launch (sm_90): a kernel lets its dependent grid launch before it ends;
+// the dependent waits for its completion (and memory) before reading its results. No-ops below
+// sm_90 and when the launch did not ask for it.
+__device__ __forceinline__ void LaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WaitPrerequisite() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+constexpr int kStages = TOPT_DECODE_STAGES;  // K tiles in flight per CTA (cp.async ring)
+constexpr int kMinBlocks = TOPT_DECODE_MIN_BLOCKS;  // resident CTAs per SM the registers allow (G <= 4)
+
+template <typename T, int D>
+constexpr int KStageBytes() { return Cfg<T, D>::TK * D * int(sizeof(T)); }
+
+// grid (splits, Hkv, B), block kThreads, dynamic smem kStages · KStageBytes (kPre, kScores).
+// Warp w owns rows [w·RW, w·RW + RW) of every tile end to end — scores, decisions, compaction,
+// V gather — with its own running max, so the only CTA barrier per tile is the K ring's.
+template <typename T, int D, int GM, int kMode>
+__global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSplitKernel(TopThetaParams p, Ws ws) {
+  using C = Cfg<T, D>;
+  constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, TK = C::TK;
+  constexpr int RW = RPW * U;  // rows per warp per tile (<= 32)
+  static_assert(RW <= 32, "one key per lane in the decision phase");
+  extern __shared__ __align__(16) char kring_raw[];  // K tiles: [kStages][TK][D] T
+  T* kring = reinterpret_cast<T*>(kring_raw);
+  __shared__ float sc[GM][TK];           // scores of the tile (warp w: its rows)
+  __shared__ float wts[2][GM][TK];       // e_j of kept keys, 0 otherwise (by tile parity)
+  __shared__ unsigned char idx[kWarps][32];  // a warp's kept rows of the current tile (warp-local)
+  __shared__ float gstat[GM][2];         // kPost: global mx, Z per head
+  __shared__ float head_n[GM];           // n of each head's row
+  __shared__ float red[kWarps];
+  __shared__ float wpart[kWarps][6][GM];  // per-warp m, Z, D, dropped, kept, nan
+  __shared__ float accs[kWarps][GM][D];   // per-warp acc (relative to its m)
+
+  const int s = blockIdx.x, splits = gridDim.x;
+  const int64_t g = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int G = int(p.Hq / p.Hkv);
+  const KvGeom geo = GetGeom(p, b);
+  const int64_t n_keys = RowEnd(p, geo, 0);  // keys [0, n_keys) before the mask
+  int64_t lo, hi;
+  SplitRange(n_keys, s, splits, TK, lo, hi);
+  const int ntiles = int((hi - lo + TK - 1) / TK);
+  const int64_t unit = ((b * p.Hkv + g) * splits + s) * G;  // first (split, head) unit of this CTA
+  const int row0 = warp * RW;
+
+  // K ring: tile `it` → stage it % kStages; thread x copies 16-byte chunks x, x + kThreads, ...
+  auto issue = [&](int it) {
+    if (it < ntiles) {
+      const int64_t t0 = lo + int64_t(it) * TK;
+      T* stage = kring + (it % kStages) * TK * D;
+      if (t0 + TK <= min(hi, geo.past_rows)) {  // whole tile in the past buffer: 32-bit offsets
+        const T* base = static_cast<const T*>(p.past_key) + ((b * p.Hkv + g) * geo.past_len + t0) * D;
+#pragma unroll
+        for (int x = tid; x < TK * LPR; x += kThreads) CpAsync16(stage + x * E, base + x * E, true);
+      } else {
+#pragma unroll
+        for (int x = tid; x < TK * LPR; x += kThreads) {
+          const int row = x / LPR, c = x % LPR;
+          const int64_t j = t0 + row;
+          const bool ok = j < hi;
+          CpAsync16(stage + row * D + c * E,
+                    KvRow<T>(p.past_key, p.k_new, p, geo, b, g, ok ? j : lo, D) + c * E, ok);
+        }
+      }
+    }
+    CpAsyncCommit();
+  };
+  if constexpr (kMode != kPost) {
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) issue(st);
+  }
+
+  // Per-head row constants (uniform across the CTA).
+  float theta[GM];
+  bool dense[GM], row_nan[GM];
+#pragma unroll
+  for (int r = 0; r < GM; ++r) {
+    const int64_t h = g * G + (r < G ? r : 0);
+    const int64_t n = CountVisible<T>(p, n_keys, b, h, red);
+    const RowRule rule = GetRule(p, h, n);
+    theta[r] = rule.theta;
+    dense[r] = rule.dense;
+    row_nan[r] = false;
+    if (tid == 0) head_n[r] = float(n);
+  }
+
+  float gZ[GM];
+  if constexpr (kMode == kPost) {  // global mx and Z per head from pass 1's partials
+    WaitPrerequisite();
+    for (int r = warp; r < G; r += kWarps) {
+      float m = -INFINITY, nan = 0.f;
+      for (int t = lane; t < splits; t += 32) {
+        const float* pf = ws.p1 + (((b * p.Hkv + g) * splits + t) * G + r) * kPartF;
+        m = fmaxf(m, pf[kM]);
+        nan = fmaxf(nan, pf[kNanF]);
+      }
+      m = WarpMax(m);
+      nan = WarpMax(nan);
+      float z = 0.f;
+      for (int t = lane; t < splits; t += 32) {
+        const float* pf = ws.p1 + (((b * p.Hkv + g) * splits + t) * G + r) * kPartF;
+        if (pf[kM] != -INFINITY) z += pf[kZ] * expf(pf[kM] - m);
+      }
+      z = WarpSum(z);
+      if (lane == 0) { gstat[r][0] = m; gstat[r][1] = nan > 0.f ? NAN : z; }
+    }
+    __syncthreads();
+  }
+
+  // q of this lane's 16-byte column chunk, scaled: q[r][e] = scale · Q[b, g·G + r, 0, c·E + e].
+  const int col = lane % LPR, sub = lane / LPR;
+  float q[GM][E];
+  if constexpr (kMode != kPost) {
+#pragma unroll
+    for (int r = 0; r < GM; ++r) {
+      const int rr = r < G ? r : 0;
+      const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + (b * p.Hq + g * G + rr) * D + col * E);
+      Unpack16<T>(u, q[r]);
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[r][e] *= p.scale;
+    }
+  }
+
+  // Running per-head state: max (warp-uniform; per lane in kScores) and lane partial sums.
+  float m_run[GM], z_t[GM], d_t[GM], drop_t[GM];
+  int kept_t[GM];
+  bool nan_t[GM];
+#pragma unroll
+  for (int r = 0; r < GM; ++r) {
+    if constexpr (kMode == kPost) {
+      m_run[r] = r < G ? gstat[r][0] : 0.f;
+      gZ[r] = r < G ? gstat[r][1] : 1.f;
+      row_nan[r] = isnan(gZ[r]);
+    } else {
+      m_run[r] = -INFINITY;
+    }
+    z_t[r] = d_t[r] = drop_t[r] = 0.f;
+    kept_t[r] = 0;
+    nan_t[r] = false;
+  }
+  float acc[GM][E];
+#pragma unroll
+  for (int r = 0; r < GM; ++r)
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[r][e] = 0.f;
+  int unions = 0;  // this warp's union count
+
+  // kPost: this lane's key scores (one key per lane < RW, GM heads) prefetched a tile ahead.
+  float spre[GM];
+  auto prefetch_scores = [&](int it) {
+    const int64_t j = lo + int64_t(it) * TK + row0 + lane;
+    const bool ok = it < ntiles && lane < RW && j < hi;
+#pragma unroll
+    for (int r = 0; r < GM; ++r)
+      spre[r] = (ok && r < G) ? ws.scores[(b * p.Hq + g * G + r) * ws.tbuf + j] : -INFINITY;
+  };
+  if constexpr (kMode == kPost) prefetch_scores(0);
+
+  // V rows of the previous tile in flight: lane group `sub` holds kept rows sub, sub + RPW, ...
+  constexpr int UV = 4;
+  uint4 pend_v[UV];
+  int pend_k[UV];
+#pragma unroll
+  for (int u = 0; u < UV; ++u) pend_k[u] = -1;
+  auto consume = [&](int buf, const float* scale) {
+#pragma unroll
+    for (int u = 0; u < UV; ++u) {
+      if (pend_k[u] < 0) continue;
+      float vf[E];
+      Unpack16<T>(pend_v[u], vf);
+#pragma unroll
+      for (int r = 0; r < GM; ++r) {
+        const float w = r < G ? wts[buf][r][pend_k[u]] * scale[r] : 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = fmaf(w, vf[e], acc[r][e]);
+      }
+      pend_k[u] = -1;
+    }
+  };
+  auto vrow = [&](int64_t t0, int k) {  // V row (tile row k) at this lane's column chunk
+    if (t0 + TK <= geo.past_rows)
+      return static_cast<const T*>(p.past_value) + ((b * p.Hkv + g) * geo.past_len + t0 + k) * D + col * E;
+    return KvRow<T>(p.past_value, p.v_new, p, geo, b, g, t0 + k, D) + col * E;
+  };
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int64_t t0 = lo + int64_t(it) * TK;
+    const int buf = it & 1;
+    // 1) scores of this warp's rows.
+    float a_r[GM];
+    if constexpr (kMode != kPost) {
+      CpAsyncWait<kStages - 2>();
+      __syncthreads();  // tile `it` landed for every thread; the stage of tile it-1 is free
+      issue(it + kStages - 1);
+      const T* stage = kring + (it % kStages) * TK * D;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int row = row0 + u * RPW + sub;
+        float kf[E];
+        Unpack16<T>(*reinterpret_cast<const uint4*>(stage + row * D + col * E), kf);
+        float v[GM];
+#pragma unroll
+        for (int r = 0; r < GM; ++r) {
+          v[r] = 0.f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) v[r] = fmaf(q[r][e], kf[e], v[r]);
+        }
+        // Reduce over the LPR lanes of the row while splitting the heads: at each of the first
+        // log2(GM) levels a lane keeps half of its heads; lane col ends with head col / (LPR/GM).
+#pragma unroll
+        for (int n = GM, o = LPR / 2; n > 1; n >>= 1, o >>= 1) {
+          const bool up = (col & o) != 0;
+#pragma unroll
+          for (int k = 0; k < n / 2; ++k) {
+            const float send = up ? v[k] : v[k + n / 2], keep = up ? v[k + n / 2] : v[k];
+            v[k] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+          }
+        }
+#pragma unroll
+        for (int o = LPR / (2 * GM); o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+        if (col % (LPR / GM) == 0 && col / (LPR / GM) < G) sc[col / (LPR / GM)][row] = v[0];
+      }
+      __syncwarp();
+#pragma unroll
+      for (int r = 0; r < GM; ++r) a_r[r] = lane < RW ? sc[r][row0 + lane] : -INFINITY;
+    } else {
+#pragma unroll
+      for (int r = 0; r < GM; ++r) a_r[r] = spre[r];
+      prefetch_scores(it + 1);
+    }
+
+    // 2) decisions: lane < RW owns key j = t0 + row0 + lane.
+    const int64_t j = t0 + row0 + lane;
+    const bool in = lane < RW && j < hi;
+    bool vis_r[GM];
+#pragma unroll
+    for (int r = 0; r < GM; ++r) {
+      float add = 0.f;
+      vis_r[r] = in && r < G && (p.mask_kind == MaskKind::kNone || MaskVisible<T>(p, MaskBase(p, b, g * G + r, 0), j, add));
+      a_r[r] = vis_r[r] ? a_r[r] + (kMode == kPost ? 0.f : add) : -INFINITY;
+    }
+    if constexpr (kMode == kScores) {
+#pragma unroll
+      for (int r = 0; r < GM; ++r) {
+        if (!vis_r[r]) continue;
+        const float a = a_r[r];
+        ws.scores[(b * p.Hq + g * G + r) * ws.tbuf + j] = a;
+        if (isnan(a)) { nan_t[r] = true; continue; }
+        if (a == -INFINITY) continue;
+        if (a > m_run[r]) { z_t[r] = z_t[r] * __expf(m_run[r] - a) + 1.f; m_run[r] = a; }
+        else z_t[r] += __expf(a - m_run[r]);
+      }
+      __syncwarp();  // sc rows of this warp are rewritten next tile
+      continue;
+    } else {
+      float alpha[GM];
+#pragma unroll
+      for (int r = 0; r < GM; ++r) {
+        alpha[r] = 1.f;
+        if constexpr (kMode == kPre) {  // warp max → new running max (warp-uniform)
+          const float mn = fmaxf(m_run[r], WarpMax(a_r[r]));
+          alpha[r] = mn == -INFINITY ? 1.f : __expf(m_run[r] - mn);
+          m_run[r] = mn;
+          z_t[r] *= alpha[r];
+          d_t[r] *= alpha[r];
+          drop_t[r] *= alpha[r];
+        }
+      }
+      bool any = false;
+#pragma unroll
+      for (int r = 0; r < GM; ++r) {
+        float w = 0.f;
+        if (vis_r[r]) {
+          const float a = a_r[r];
+          if (isnan(a)) nan_t[r] = true;
+          const float e = isnan(a) ? 0.f : __expf(a - m_run[r]);
+          bool keep;
+          if (dense[r] || row_nan[r]) keep = true;
+          else if (kMode == kPost) keep = e / gZ[r] > theta[r];
+          else keep = a > theta[r];
+          z_t[r] += e;
+          if (keep) { w = e; d_t[r] += e; kept_t[r] += 1; any = true; }
+          else drop_t[r] += e;
+        }
+        if (r < G && lane < RW) wts[buf][r][row0 + lane] = w;
+      }
+      // 3) this warp's kept rows: ballot → compacted list.
+      const unsigned bal = __ballot_sync(0xffffffffu, any);
+      const int count = __popc(bal);
+      if (any) idx[warp][__popc(bal & ((1u << lane) - 1u))] = static_cast<unsigned char>(row0 + lane);
+      unions += count;
+      __syncwarp();
+
+      // 4) rescale, finish the previous tile's rows, gather this tile's (first UV·RPW rows in
+      // flight until the next tile; the rest now).
+      if constexpr (kMode == kPre) {
+#pragma unroll
+        for (int r = 0; r < GM; ++r)
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[r][e] *= alpha[r];
+      }
+      consume(buf ^ 1, alpha);
+      for (int c = sub + RPW * UV; c < count; c += RPW) {
+        const int k = idx[warp][c];
+        float vf[E];
+        Unpack16<T>(__ldcs(reinterpret_cast<const uint4*>(vrow(t0, k))), vf);
+#pragma unroll
+        for (int r = 0; r < GM; ++r) {
+          const float w = r < G ? wts[buf][r][k] : 0.f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[r][e] = fmaf(w, vf[e], acc[r][e]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UV; ++u) {
+        const int c = sub + u * RPW;
+        pend_k[u] = c < count ? idx[warp][c] : -1;
+        if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, pend_k[u])));
+      }
+      __syncwarp();  // idx/sc of this warp are rewritten next tile
+    }
+  }
+  if constexpr (kMode != kScores) {
+    float one[GM];
+#pragma unroll
+    for (int r = 0; r < GM; ++r) one[r] = 1.f;
+    consume((ntiles + 1) & 1, one);  // the last tile's rows
+  }
+  if constexpr (kMode != kPost) CpAsyncWait<0>();
+  LaunchDependents();  // the next kernel (pass 2 / merge) may start launching during the epilogue
+
+  // Per-warp totals (kScores: lanes' maxima differ, rescale to the warp max first).
+#pragma unroll
+  for (int r = 0; r < GM; ++r) {
+    float m = m_run[r], z = z_t[r];
+    if constexpr (kMode == kScores) {
+      const float wm = WarpMax(m);
+      z = m == -INFINITY ? 0.f : z * __expf(m - wm);
+      m = wm;
+    }
+    const float zs = WarpSum(z), ds = WarpSum(d_t[r]), dr = WarpSum(drop_t[r]);
+    const float kc = WarpSum(float(kept_t[r])), nn = WarpMax(nan_t[r] ? 1.f : 0.f);
+    if (lane == 0) {
+      wpart[warp][0][r] = m; wpart[warp][1][r] = zs; wpart[warp][2][r] = ds;
+      wpart[warp][3][r] = dr; wpart[warp][4][r] = kc; wpart[warp][5][r] = nn;
+    }
+  }
+  if constexpr (kMode != kScores) {  // acc: sum the RPW lane groups, then stage per warp
+#pragma unroll
+    for (int r = 0; r < GM; ++r)
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+#pragma unroll
+        for (int o = LPR; o < 32; o <<= 1) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+    if (sub == 0) {
+#pragma unroll
+      for (int r = 0; r < GM; ++r)
+        if (r < G)
+#pragma unroll
+          for (int e = 0; e < E; ++e) accs[warp][r][col * E + e] = acc[r][e];
+    }
+  }
+  const int wunions = __shfl_sync(0xffffffffu, unions, 0);
+  if (lane == 0) red[warp] = float(wunions);
+  __syncthreads();
+
+  // CTA totals: rescale each warp's sums to the CTA max per head.
+  float* part = (kMode == kScores ? ws.p1 : ws.part);
+  if (tid < G) {
+    const int r = tid;
+    float M = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wpart[w][0][r]);
+    float tot[5] = {0.f, 0.f, 0.f, 0.f, 0.f}, uni = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = wpart[w][0][r] == -INFINITY ? 0.f : __expf(wpart[w][0][r] - M);
+      tot[0] += f * wpart[w][1][r];
+      tot[1] += f * wpart[w][2][r];
+      tot[2] += f * wpart[w][3][r];
+      tot[3] += wpart[w][4][r];
+      tot[4] = fmaxf(tot[4], wpart[w][5][r]);
+      uni += red[w];
+    }
+    float* pf = part + (unit + r) * kPartF;
+    pf[kM] = M;
+    pf[kZ] = tot[0];
+    pf[kD] = tot[1];
+    pf[kDrop] = tot[2];
+    pf[kKeptF] = tot[3];
+    pf[kUnionF] = uni;
+    pf[kNanF] = tot[4];
+    pf[kNF] = head_n[r];
+  }
+  if constexpr (kMode != kScores) {
+    for (int x = tid; x < G * D; x += kThreads) {
+      const int r = x / D, d = x % D;
+      float M = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wpart[w][0][r]);
+      float t = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w)
+        if (wpart[w][0][r] != -INFINITY) t += __expf(wpart[w][0][r] - M) * accs[w][r][d];
+      ws.acc[(unit + r) * D + d] = t;
+    }
+  }
+}
+
+// Merge the splits of (b, h) and write Y, stats and (for the group's first head) present_v_sum.
+// grid (Hq, B), block kMergeThreads: 8 groups of splits × 32 lanes of float4 columns (Dv <= 128).
+constexpr int kMergeThreads = 256, kMaxSplits = 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParams p, Ws ws, int splits) {
+  __shared__ float fs[kMaxSplits];          // exp(m_s - M) per split
+  __shared__ float red[kMergeThreads / 32][8];
+  __shared__ float4 part[kMergeThreads / 32][32];
+  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int64_t G = p.Hq / p.Hkv, g = h / G, r = h % G, Dv = p.Dv;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  constexpr int NWM = kMergeThreads / 32;
+  const KvGeom geo = GetGeom(p, b);
+  const int64_t base_unit = (b * p.Hkv + g) * splits * G + r;  // unit of split s: base + s·G
+  auto rec = [&](int s) { return ws.part + (base_unit + int64_t(s) * G) * kPartF; };
+  WaitPrerequisite();
+
+  float m = -INFINITY;
+  for (int s = tid; s < splits; s += kMergeThreads) m = fmaxf(m, rec(s)[kM]);
+  m = WarpMax(m);
+  if (lane == 0) red[warp][0] = m;
+  __syncthreads();
+  float M = red[0][0];
+  for (int w = 1; w < NWM; ++w) M = fmaxf(M, red[w][0]);
+  float t[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // Z, D, dropped, kept, union, nan
+  for (int s = tid; s < splits; s += kMergeThreads) {
+    const float* pf = rec(s);
+    const float f = pf[kM] == -INFINITY ? 0.f : expf(pf[kM] - M);
+    fs[s] = f;
+    t[0] += f * pf[kZ];
+    t[1] += f * pf[kD];
+    t[2] += f * pf[kDrop];
+    t[3] += pf[kKeptF];
+    t[4] += pf[kUnionF];
+    t[5] = fmaxf(t[5], pf[kNanF]);
+  }
+#pragma unroll
+  for (int k = 0; k < 6; ++k) t[k] = k == 5 ? WarpMax(t[k]) : WarpSum(t[k]);
+  __syncthreads();
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < 6; ++k) red[warp][k] = t[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 6; ++k) {
+    float v = red[0][k];
+    for (int w = 1; w < NWM; ++w) v = k == 5 ? fmaxf(v, red[w][k]) : v + red[w][k];
+    t[k] = v;
+  }
+  const int64_t n = int64_t(rec(0)[kNF]);
+  const int64_t kept = t[5] > 0.f ? n : int64_t(t[3]);  // a NaN row keeps every visible key
+  const RowRule rule = GetRule(p, h, n);
+  const OutWeights ow = RowWeights(p, rule, n, kept, M, t[5] > 0.f, t[0], t[1], t[2]);
+
+  // acc = Σ_s fs[s] · acc_s: warp w sums splits w, w + NWM, ...; lane c holds columns 4c..4c+3.
+  const int64_t nq = Dv / 4;
+  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (lane < nq) {
+#pragma unroll 4
+    for (int s = warp; s < splits; s += NWM) {
+      const float f = fs[s];
+      const float4 x = *reinterpret_cast<const float4*>(ws.acc + (base_unit + int64_t(s) * G) * Dv + 4 * lane);
+      a.x += f * x.x; a.y += f * x.y; a.z += f * x.z; a.w += f * x.w;
+    }
+  }
+  part[warp][lane] = a;
+  __syncthreads();
+
+  const bool need_vs = ow.wv != 0.f || (p.present_v_sum && r == 0);
+  const int64_t mbase = MaskBase(p, b, h, 0);
+  T* y = static_cast<T*>(p.y) + (b * p.Hq + h) * Dv;
+  for (int64_t d = tid; d < Dv; d += kMergeThreads) {
+    float acc = 0.f;
+    for (int w = 0; w < NWM; ++w) acc += reinterpret_cast<const float*>(&part[w][d / 4])[d % 4];
+    float vs = 0.f;
+    if (need_vs) {  // v̄ numerator: past_v_sum (or every visible past row) + the visible new rows
+      const int64_t begin = p.past_v_sum ? geo.past_rows : 0;
+      vs = p.past_v_sum ? p.past_v_sum[(b * p.Hkv + g) * Dv + d] : 0.f;
+      for (int64_t j = begin; j < RowEnd(p, geo, 0); ++j) {
+        float add;
+        if (!MaskVisible<T>(p, mbase, j, add)) continue;
+        vs += ToF<T>(KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, Dv)[d]);
+      }
+      if (p.present_v_sum && r == 0) p.present_v_sum[(b * p.Hkv + g) * Dv + d] = vs;
+    }
+    const float v = ow.nan ? NAN : ow.zero ? 0.f : ow.wa * acc + (ow.wv != 0.f ? ow.wv * vs : 0.f);
+    y[d] = FromF<T>(v);
+  }
+  if (r == 0) {  // the group's new K/V rows into present (at past_rows; in place or after the copy)
+    const int64_t rows = p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
+    const int64_t bg = b * p.Hkv + g, es = p.dtype == DType::kFloat32 ? 4 : 2;
+    for (int64_t x = tid; x < p.Skv * Dv * es / 4; x += kMergeThreads) {
+      const int64_t sr = x / (Dv * es / 4), w = x % (Dv * es / 4);
+      const int64_t dst = (bg * rows + geo.past_rows + sr) * Dv * es / 4 + w, src = (bg * p.Skv + sr) * Dv * es / 4 + w;
+      if (p.present_key) static_cast<uint32_t*>(p.present_key)[dst] = static_cast<const uint32_t*>(p.k_new)[src];
+      if (p.present_value) static_cast<uint32_t*>(p.present_value)[dst] = static_cast<const uint32_t*>(p.v_new)[src];
+    }
+  }
+  if (p.stats && tid < kNumStats) {
+    int64_t v = 0;
+    if (tid == kGroupVRows) v = int64_t(t[4]);  // every head of the group
+    if (n > 0) {
+      switch (tid) {
+        case kRows: v = 1; break;
+        case kVisible: v = n; break;
+        case kKept: v = kept; break;
+        case kDenseRows: v = rule.dense; break;
+        case kBeyond: v = p.calibrated_max_length > 0 && n > p.calibrated_max_length; break;
+      }
+    }
+    p.stats[(b * p.Hq + h) * kNumStats + tid] = v;
+  }
+}
+
+// Launch `kernel` so that it may start while the previous kernel on `stream` finishes (PDL).
+template <typename... Params, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename T, int D, int GM>
+cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
+  const dim3 grid(unsigned(splits), unsigned(p.Hkv), unsigned(p.B));
+  constexpr int ring = kStages * KStageBytes<T, D>();
+  static bool attr_set = false;  // per instantiation; the attribute is per device function
+  if (!attr_set) {
+    for (auto k : {DecodeSplitKernel<T, D, GM, kPre>, DecodeSplitKernel<T, D, GM, kScores>}) {
+      const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
+      if (e != cudaSuccess) return e;
+    }
+    attr_set = true;
+  }
+  if (p.placement == Placement::kPreSoftmax) {
+    DecodeSplitKernel<T, D, GM, kPre><<<grid, kThreads, ring, stream>>>(p, ws);
+  } else {
+    DecodeSplitKernel<T, D, GM, kScores><<<grid, kThreads, ring, stream>>>(p, ws);
+    cudaError_t err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, ws);
+    if (err != cudaSuccess) return err;
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return LaunchPdl(DecodeMergeKernel<T>, dim3(unsigned(p.Hq), unsigned(p.B)), dim3(kMergeThreads), 0, stream, p, ws, splits);
+}
+
+template <typename T, int D>
+cudaError_t LaunchD(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
+  const int64_t G = p.Hq / p.Hkv;
+  if (G <= 2) return LaunchSplits<T, D, 2>(p, splits, ws, stream);
+  if (G <= 4) return LaunchSplits<T, D, 4>(p, splits, ws, stream);
+  return LaunchSplits<T, D, 8>(p, splits, ws, stream);
+}
+
+template <typename T>
+cudaError_t LaunchT(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
+  return p.Dh == 64 ? LaunchD<T, 64>(p, splits, ws, stream) : LaunchD<T, 128>(p, splits, ws, stream);
+}
+
+bool Aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) == 0; }
+
+}  // namespace
+
+bool DecodeSupported(const TopThetaParams& p) {
+  const int64_t G = p.Hkv > 0 ? p.Hq / p.Hkv : 0;
+  return p.S == 1 && p.Dh == p.Dv && (p.Dh == 64 || p.Dh == 128) && G >= 1 && G <= 8 && p.B > 0 &&
+         Aligned16(p.q) && Aligned16(p.k_new) && Aligned16(p.v_new) && Aligned16(p.past_key) &&
+         Aligned16(p.past_value) && p.B <= 65535 && p.Hkv <= 65535;
+}
+
+int DecodeSplits(const TopThetaParams& p, int forced) {
+  if (forced > 0) return std::min(forced, kMaxSplits);
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t keys = Tbuf(p);
+  const int tk = p.dtype == DType::kFloat32 ? (p.Dh == 64 ? 64 : 32) : (p.Dh == 64 ? 128 : 64);
+  const int64_t max_splits = std::max<int64_t>(1, (keys + 2 * tk - 1) / (2 * tk));  // >= 2 tiles each
+  // One wave: the split kernel holds 3 CTAs per SM (2 for G > 4: registers); more waves leave a
+  // partial last wave, fewer leave SMs idle (measured: B=1, 32/8 heads, 32K: 50 splits best).
+  const int64_t slots = int64_t(sms) * (p.Hq / p.Hkv <= 4 ? kMinBlocks : 2);
+  const int64_t want = std::max<int64_t>(1, slots / (p.B * p.Hkv));
+  return int(std::max<int64_t>(1, std::min<int64_t>({want, max_splits, int64_t(kMaxSplits)})));
+}
+
+int64_t DecodeWorkspaceBytes(const TopThetaParams& p, int splits) {
+  return WsFloats(p, splits) * int64_t(sizeof(float));
+}
+
+cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, cudaStream_t stream) {
+  const Ws ws = CarveWs(workspace, p, splits);
+  switch (p.dtype) {
+    case DType::kFloat32: return LaunchT<float>(p, splits, ws, stream);
+    case DType::kFloat16: return LaunchT<__half>(p, splits, ws, stream);
+    case DType::kBFloat16: return LaunchT<__nv_bfloat16>(p, splits, ws, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda_detail
+}  // namespace topt

@@ -1,0 +1,30 @@
+// Host-side entry points of the CUDA kernel files, called by the launcher (top_theta_cuda.cu).
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "../include/top_theta_params.h"
+
+namespace topt {
+namespace cuda_detail {
+
+// tt_kv.cu: present_key/value (concat: past ⧺ new; shared_buffer: copy if not in place, then the
+// S new rows at past_seqlens[b]) and present_v_sum.
+// new_rows = false: only the past copy (the decode merge kernel writes the new rows).
+cudaError_t LaunchPresentKv(const TopThetaParams& p, bool new_rows, cudaStream_t stream);
+cudaError_t LaunchPresentVSum(const TopThetaParams& p, cudaStream_t stream);
+
+// tt_generic.cu: any S, head dims, mask, group size; one CTA per (b, kv head, query row).
+// Adds into stats (the caller zeroes it first).
+cudaError_t LaunchGeneric(const TopThetaParams& p, cudaStream_t stream);
+
+// tt_decode.cu: S = 1, Dh = Dv in {64, 128}, G <= 8, 16-byte aligned rows; split-KV.
+// Writes Y, stats, present_v_sum and the new rows of present_key/value itself.
+bool DecodeSupported(const TopThetaParams& p);
+int DecodeSplits(const TopThetaParams& p, int forced);
+int64_t DecodeWorkspaceBytes(const TopThetaParams& p, int splits);
+cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, cudaStream_t stream);
+
+}  // namespace cuda_detail
+}  // namespace topt

@@ -1,0 +1,75 @@
+"""The CUDA kernel (ONNX Runtime's CUDA EP + the topt library) against the numpy reference.
+
+Skips, with its reason, where onnxruntime has no CUDA EP or no GPU is visible; the runs on the
+GPU machine are committed under bench/results/ (cuda_tests.txt).
+"""
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from op_cases import Case, covering_cases, feeds, make_inputs, one_op_model, reference_outputs, sampled_cases
+from topt_compile.ops.schema import OUTPUTS
+
+pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                                reason="onnxruntime has no CUDAExecutionProvider here (CPU-only build or no GPU)")
+
+SHAPES = [  # decode- and prefill-like shapes on top of the random grid
+    Case(B=1, Hq=32, Hkv=8, S=1, Skv=1, P=4096, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact+vmc", with_past_v_sum=True),
+    Case(B=3, Hq=9, Hkv=3, S=1, Skv=1, P=2000, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
+         placement="post_softmax", compensation="vmc", with_past_v_sum=True),
+    Case(B=2, Hq=8, Hkv=2, S=1, Skv=1, P=777, Dh=80, Dv=80, kv_layout="concat", mask="bool"),
+    Case(B=1, Hq=9, Hkv=3, S=130, Skv=130, P=0, Dh=64, Dv=64, dtype="float16", is_causal=1,
+         placement="post_softmax", compensation="vmc"),
+    Case(B=2, Hq=4, Hkv=4, S=70, Skv=70, P=33, Dh=128, Dv=128, is_causal=1, mask="float",
+         placement="pre_softmax", compensation="sdc_exact+vmc"),
+]
+CASES = SHAPES + [replace(c, seed=c.seed + 7) for c in covering_cases()] + sampled_cases(120, seed=21)
+# fp32 kernels accumulate in another order than the float64 reference; fp16 outputs round once.
+Y_TOLERANCE = {"float32": 5e-5, "float16": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def cuda_session(topt_library):
+    def make(model):
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(topt_library)
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return session
+    return make
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cuda_kernel_matches_reference(cuda_session, case):
+    inputs = make_inputs(case)
+    expected = reference_outputs(case, inputs)
+    got = cuda_session(one_op_model(case, inputs)).run(list(OUTPUTS), feeds(inputs))
+    for name, g, e in zip(OUTPUTS, got, expected):
+        if name == "Y":
+            tol = Y_TOLERANCE[case.dtype]
+            np.testing.assert_allclose(g.astype(np.float64), e.astype(np.float64), atol=tol, rtol=tol,
+                                       equal_nan=True, err_msg=f"{case} Y")
+        elif name == "present_v_sum":
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3, err_msg=f"{case} {name}")
+        else:
+            np.testing.assert_array_equal(g, e, err_msg=f"{case} {name}")
+
+
+def test_the_node_runs_on_the_cuda_ep(topt_library):
+    """The op is placed on the CUDA EP (not silently on the CPU fallback)."""
+    case = SHAPES[0]
+    inputs = make_inputs(case)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(topt_library)
+    options.enable_profiling = True
+    session = ort.InferenceSession(one_op_model(case, inputs).SerializeToString(), options,
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    session.run(None, feeds(inputs))
+    import json
+    events = json.load(open(session.end_profiling()))
+    providers = {e["args"].get("provider") for e in events if e.get("name", "").startswith("tta")}
+    assert providers == {"CUDAExecutionProvider"}, providers
