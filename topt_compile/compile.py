@@ -34,6 +34,7 @@ class CompileOptions:
     compensation: str = "vmc"         # with theta
     allow_no_sites: bool = False
     check: bool = True                # onnx.checker (full_check) on the result
+    stats: bool = False               # expose each site's stats [B, Hq, 6] as output topt.<site>.stats
 
 
 @dataclasses.dataclass
@@ -116,7 +117,7 @@ def compile_model(model_path: str | os.PathLike, output_path: str | os.PathLike,
         raise NoSitesError(f"{model_path}: no attention site matched{dense} (use --allow-no-sites to write it unchanged)")
     table = _table(options, fp, sites)
     table.check_fits(fp, sites)
-    rewrite(model, sites, table)
+    rewrite(model, sites, table, stats=options.stats)
     t["rewrite"] = time.perf_counter()
     _save(model, output_path, options.check)
     t["save"] = time.perf_counter()

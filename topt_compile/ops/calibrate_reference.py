@@ -106,3 +106,14 @@ class TopThetaCalibrate(OpRun):
             is_causal=is_causal or 0, k=k or 0, placement=_text(placement, "post_softmax"),
             compensation=_text(compensation, "vmc"))
         return outputs[: len(self.onnx_node.output)]
+
+
+def fill_columns(values: np.ndarray, has_rows: np.ndarray, empty: float) -> np.ndarray:
+    """Columns without rows take the nearest column with rows (the lower one on a tie); a head
+    with no row at all takes `empty`."""
+    out = np.array(values, dtype=np.float64)
+    for h in range(out.shape[0]):
+        cols = np.nonzero(has_rows[h])[0]
+        for c in np.nonzero(~has_rows[h])[0]:
+            out[h, c] = out[h, cols[np.argmin(np.abs(cols - c))]] if cols.size else empty
+    return out

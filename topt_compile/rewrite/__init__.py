@@ -9,10 +9,11 @@ from ..thresholds.schema import ThresholdTable
 from .insert_top_theta import InsertTopThetaAttention
 
 
-def rewrite(model: ir.Model, sites: list[Site], table: ThresholdTable) -> ir.passes.PassResult:
-    """Rewrites `model` in place: one TopThetaAttention per matched site in `table`."""
+def rewrite(model: ir.Model, sites: list[Site], table: ThresholdTable, stats: bool = False) -> ir.passes.PassResult:
+    """Rewrites `model` in place: one TopThetaAttention per matched site in `table` (with `stats`,
+    each node's statistics become graph outputs `topt.<site>.stats`)."""
     return ir.passes.Sequential(
-        InsertTopThetaAttention(sites, table),
+        InsertTopThetaAttention(sites, table, stats),
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
     )(model)

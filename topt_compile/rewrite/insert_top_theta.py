@@ -18,10 +18,11 @@ class InsertTopThetaAttention(ir.passes.InPlacePass):
     `topt.<site>.threshold_lengths` [L].
     """
 
-    def __init__(self, sites: list[Site], table: ThresholdTable):
+    def __init__(self, sites: list[Site], table: ThresholdTable, stats: bool = False):
         super().__init__()
         self.sites = [s for s in sites if s.matched and s.id in table.sites]
         self.table = table
+        self.stats = stats  # also expose each node's stats as a graph output `topt.<site>.stats`
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -59,11 +60,17 @@ class InsertTopThetaAttention(ir.passes.InPlacePass):
         values = [inputs.get(name) for name in schema.INPUTS]
         while values[-1] is None:
             values.pop()
-        n_out = 3 if site.present_key is not None else 1
+        n_out = len(schema.OUTPUTS) if self.stats else (3 if site.present_key is not None else 1)
         node = ir.Node(schema.DOMAIN, schema.OP_TYPE, values, ir.convenience.convert_attributes(attrs.onnx_attributes()),
                        num_outputs=n_out, name=f"{prefix}/{schema.OP_TYPE}", version=schema.OPSET_VERSION)
         for new, old, name in zip(node.outputs, (site.output, site.present_key, site.present_value), schema.OUTPUTS):
-            new.name, new.dtype, new.shape = f"{prefix}.{name}", old.dtype, old.shape
+            if old is not None:
+                new.name, new.dtype, new.shape = f"{prefix}.{name}", old.dtype, old.shape
+        if self.stats:
+            stats = node.outputs[schema.OUTPUTS.index("stats")]
+            stats.name, stats.dtype = f"{prefix}.stats", ir.DataType.INT64
+            stats.shape = ir.Shape([site.query.shape[0] if site.query.shape else None, site.Hq, schema.NUM_STATS])
+            graph.outputs.append(stats)
         graph.insert_before(anchor, node)
         return node
 

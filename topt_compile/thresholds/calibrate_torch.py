@@ -25,7 +25,7 @@ import torch
 
 from ..frontends import fx as fx_frontend
 from ..frontends.torch_op import top_k_calibrate
-from ..ops.calibrate_reference import sdc_log_mass_from_sums, thresholds_from_sums
+from ..ops.calibrate_reference import fill_columns, sdc_log_mass_from_sums, thresholds_from_sums
 from .schema import SiteThresholds, ThresholdTable
 
 NO_MASS = -1e4  # sdc_log_mass of a head with no calibrated row: exp(NO_MASS − mx) is 0
@@ -91,23 +91,13 @@ class RowSums:
             sdc_cols[:, c, 0] += sdc[:, n, 0]
             sdc_cols[:, c, 1] = np.logaddexp(sdc_cols[:, c, 1], sdc[:, n, 1])
         has_rows = theta_cols[..., 0] > 0
-        thresholds = _fill(thresholds_from_sums(theta_cols, sigma), has_rows, -math.inf)
+        thresholds = fill_columns(thresholds_from_sums(theta_cols, sigma), has_rows, -math.inf)
         mass = None
         if "sdc_calibrated" in self.compensation:
-            mass = _fill(sdc_log_mass_from_sums(sdc_cols), has_rows, NO_MASS).tolist()
+            mass = fill_columns(sdc_log_mass_from_sums(sdc_cols), has_rows, NO_MASS).tolist()
         return SiteThresholds(Hq, hkv, [int(n) for n in grid], thresholds.tolist(), k=self.k, placement=self.placement,
                               compensation=self.compensation, sdc_log_mass=mass, calibrated_max_length=longest,
                               dtype=dtype)
-
-
-def _fill(values: np.ndarray, has_rows: np.ndarray, empty: float) -> np.ndarray:
-    """Columns without rows take the nearest column with rows (the lower one on a tie)."""
-    out = np.array(values, dtype=np.float64)
-    for h in range(out.shape[0]):
-        cols = np.nonzero(has_rows[h])[0]
-        for c in np.nonzero(~has_rows[h])[0]:
-            out[h, c] = out[h, cols[np.argmin(np.abs(cols - c))]] if cols.size else empty
-    return out
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable[Any], config: CalibrationConfig | None = None, *,
