@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-CFGS = [(b, 32, 8, 128, t) for b in (1, 8) for t in (4096, 16384, 32768, 65536)] + \
-       [(b, 9, 3, 64, t) for b in (1, 8) for t in (4096, 16384, 32768, 65536)]
+CFGS = [(b, 32, 8, 128, t) for b in (1, 8) for t in (4096, 8192, 16384, 32768, 65536)] + \
+       [(b, 9, 3, 64, t) for b in (1, 8) for t in (4096, 8192, 16384, 32768, 65536)]
 
 
 def time_cfg(B, Hq, Hkv, D, T, backend):

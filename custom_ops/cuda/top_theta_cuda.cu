@@ -24,6 +24,10 @@ int64_t TopThetaCudaWorkspaceBytes(const TopThetaParams& p) {
   return cuda_detail::DecodeWorkspaceBytes(p, cuda_detail::DecodeSplits(p, g_forced_splits));
 }
 
+int64_t TopThetaCudaWorkspaceZeroTailBytes(const TopThetaParams& p) {
+  return UseDecode(p) ? cuda_detail::DecodeCounterBytes(p) : 0;
+}
+
 cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
   const bool decode = UseDecode(p);
   cudaError_t err = cuda_detail::LaunchPresentKv(p, /*new_rows=*/!decode, stream);
@@ -32,9 +36,15 @@ cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
     const int splits = cuda_detail::DecodeSplits(p, g_forced_splits);
     const int64_t bytes = cuda_detail::DecodeWorkspaceBytes(p, splits);
     void* ws = p.workspace;
+    int64_t ws_bytes = p.workspace_bytes;
     const bool own = ws == nullptr || p.workspace_bytes < bytes;
-    if (own && (err = cudaMallocAsync(&ws, size_t(bytes), stream)) != cudaSuccess) return err;
-    err = cuda_detail::LaunchDecode(p, splits, ws, stream);
+    if (own) {  // stream-ordered scratch; its arrival counters (the tail) zeroed
+      ws_bytes = bytes;
+      if ((err = cudaMallocAsync(&ws, size_t(bytes), stream)) != cudaSuccess) return err;
+      const int64_t cb = cuda_detail::DecodeCounterBytes(p);
+      if ((err = cudaMemsetAsync(static_cast<char*>(ws) + (bytes - cb) / 16 * 16, 0, size_t(cb), stream)) != cudaSuccess) return err;
+    }
+    err = cuda_detail::LaunchDecode(p, splits, ws, ws_bytes, stream);
     if (own) {
       const cudaError_t free_err = cudaFreeAsync(ws, stream);
       if (err == cudaSuccess) err = free_err;

@@ -11,11 +11,17 @@ namespace topt {
 // Runs the op on `stream` for p.dtype float32, float16 or bfloat16. The caller has validated
 // shapes and values; pointers are device pointers (16-byte aligned rows take the fast paths).
 // Scratch: p.workspace if it holds TopThetaCudaWorkspaceBytes(p) bytes, else stream-ordered
-// cudaMallocAsync/cudaFreeAsync. Returns the first CUDA error (launch errors included).
+// cudaMallocAsync/cudaFreeAsync. A caller's workspace must hold zeros in its last
+// TopThetaCudaWorkspaceZeroTailBytes(p) bytes (rounded to 16 from the end of p.workspace_bytes:
+// the decode path's arrival counters) at launch; the launch leaves them zero again (so a
+// workspace zeroed once serves every later call and CUDA-graph replay on one stream).
+// Returns the first CUDA error (launch errors included).
 cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream);
 
 // Bytes of scratch LaunchTopThetaCuda needs for `p` on the current device (0 if none).
 int64_t TopThetaCudaWorkspaceBytes(const TopThetaParams& p);
+// Bytes at the end of the workspace that must be zero at launch (see above; 0 if none).
+int64_t TopThetaCudaWorkspaceZeroTailBytes(const TopThetaParams& p);
 
 // Benchmark/test hooks: force the KV-split count of the decode path (0: automatic) and
 // disable the decode fast path (every call then takes the generic kernel).

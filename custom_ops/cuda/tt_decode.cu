@@ -8,6 +8,7 @@
 //   post_softmax: pass 1 (kScores) writes fp32 scores [B, Hq, Tbuf] and per-split (m, Z);
 //                 pass 2 (kPost) reads them back, keeps p_j = e_j / Z > θ, gathers V.
 #include <algorithm>
+#include <type_traits>
 
 #include "tt_common.cuh"
 #include "tt_internal.h"
@@ -34,8 +35,11 @@ struct Cfg {
 
 // Workspace layout (floats): part_acc [B, Hkv, splits, G, D], part_f [B, Hkv, splits, G, kPartF],
 // p1 [B, Hkv, splits, G, kPartF] (post pass 1), scores [B, Hq, Tbuf] (post).
+// Arrival counters [B, Hkv] (unsigned) sit in the last CounterBytes of the workspace: zero at launch,
+// the last CTA of each (b, g) resets its counter, so they are zero again after every call.
 struct Ws {
   float *acc, *part, *p1, *scores;
+  unsigned* count;
   int64_t tbuf;
 };
 
@@ -43,8 +47,11 @@ __host__ __device__ inline int64_t Tbuf(const TopThetaParams& p) {
   return p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
 }
 
-__host__ __device__ inline Ws CarveWs(void* base, const TopThetaParams& p, int splits) {
+__host__ __device__ inline int64_t CounterBytes(const TopThetaParams& p) { return (p.B * p.Hkv * 4 + 15) / 16 * 16; }
+
+__host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const TopThetaParams& p, int splits) {
   Ws w;
+  w.count = reinterpret_cast<unsigned*>(static_cast<char*>(base) + (total_bytes - CounterBytes(p)) / 16 * 16);
   const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
   w.acc = static_cast<float*>(base);
   w.part = w.acc + units * p.Dv;
@@ -104,6 +111,28 @@ __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Tensor-core scores (16-bit T): the tile's keys are the M rows of m16n8k16, the G heads
+// (padded to 8) the N columns, so a 16-key × 16-dim block of K is one ldmatrix.x4 and one mma.
+#ifndef TOPT_DECODE_MMA
+#define TOPT_DECODE_MMA 1
+#endif
+__device__ __forceinline__ void LdMatrixX4(unsigned (&a)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
+}
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
 #ifndef TOPT_DECODE_STAGES
 #define TOPT_DECODE_STAGES 3
 #endif
@@ -130,6 +159,158 @@ constexpr int kMinBlocks = TOPT_DECODE_MIN_BLOCKS;  // resident CTAs per SM the 
 template <typename T, int D>
 constexpr int KStageBytes() { return Cfg<T, D>::TK * D * int(sizeof(T)); }
 
+// -DTOPT_DECODE_FUSED_MERGE=1: one launch per pre_softmax call (measured slower on H100, see
+// bench/results/cuda_kernel.md); default 0: the separate PDL'd merge kernel.
+#ifndef TOPT_DECODE_FUSED_MERGE
+#define TOPT_DECODE_FUSED_MERGE 0
+#endif
+// The last-arriving CTA of (b, g) merges the splits' partials by log-sum-exp and writes Y, stats,
+// present_v_sum and the group's new K/V rows (the former merge kernel, folded in: one launch).
+// fsm: shared scratch of GM · splits floats (the K ring, done by now).
+template <typename T, int D, int GM>
+__device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws, int splits, int64_t b, int64_t g,
+                                          int G, float* fsm, const float* head_n) {
+  __shared__ int s_last;
+  __shared__ float mst[GM][3];  // kept, union, dense
+  __shared__ OutWeights sow[GM];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  __threadfence();  // this CTA's partials are visible device-wide before its arrival counts
+  __syncthreads();
+  unsigned* ctr = ws.count + (b * p.Hkv + g);
+  if (tid == 0) s_last = atomicAdd(ctr, 1u) == unsigned(splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (tid == 0) *ctr = 0u;  // every CTA of (b, g) has arrived: ready for the next call / graph replay
+  const int64_t bu = (b * p.Hkv + g) * int64_t(splits) * G;  // unit of (split s, head r): bu + s·G + r
+  for (int r = warp; r < G; r += kWarps) {
+    float m = -INFINITY;
+    for (int t = lane; t < splits; t += 32) m = fmaxf(m, __ldcg(ws.part + (bu + int64_t(t) * G + r) * kPartF + kM));
+    m = WarpMax(m);
+    float t6[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // Z, D, dropped, kept, union, nan
+    for (int t = lane; t < splits; t += 32) {
+      const float* pf = ws.part + (bu + int64_t(t) * G + r) * kPartF;
+      const float mm = __ldcg(pf + kM);
+      const float f = mm == -INFINITY ? 0.f : expf(mm - m);
+      fsm[r * splits + t] = f;
+      t6[0] += f * __ldcg(pf + kZ);
+      t6[1] += f * __ldcg(pf + kD);
+      t6[2] += f * __ldcg(pf + kDrop);
+      t6[3] += __ldcg(pf + kKeptF);
+      t6[4] += __ldcg(pf + kUnionF);
+      t6[5] = fmaxf(t6[5], __ldcg(pf + kNanF));
+    }
+#pragma unroll
+    for (int k = 0; k < 6; ++k) t6[k] = k == 5 ? WarpMax(t6[k]) : WarpSum(t6[k]);
+    if (lane == 0) {
+      const int64_t h = g * G + r, n = int64_t(head_n[r]);
+      const int64_t kept = t6[5] > 0.f ? n : int64_t(t6[3]);  // a NaN row keeps every visible key
+      const RowRule rule = GetRule(p, h, n);
+      sow[r] = RowWeights(p, rule, n, kept, m, t6[5] > 0.f, t6[0], t6[1], t6[2]);
+      mst[r][0] = float(kept);
+      mst[r][1] = t6[4];
+      mst[r][2] = rule.dense ? 1.f : 0.f;
+    }
+  }
+  __syncthreads();
+
+  const KvGeom geo = GetGeom(p, b);
+  const int64_t end = RowEnd(p, geo, 0);
+  // acc = Σ_s f_s · acc_s per (head, 4-column chunk): the splits are sliced over the threads
+  // (SL slices per item) and 16 loads kept in flight per thread, so the tail is a few L2 round trips.
+  __shared__ float4 red4[kThreads];
+  constexpr int NQ = D / 4;
+  const int items = G * NQ, SL = items >= kThreads ? 1 : kThreads / items;
+  for (int x0 = 0; x0 < items; x0 += kThreads) {
+    const int item = x0 + tid % items, sl = tid / items;  // items >= kThreads: tid % items = tid
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (item < items && sl < SL) {
+      const int r = item / NQ, c = item % NQ;
+      const float* fr = fsm + r * splits;
+      const float* ab = ws.acc + (bu + r) * D + 4 * c;
+#pragma unroll 16
+      for (int t = sl; t < splits; t += SL) {
+        const float f = fr[t];
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(ab + int64_t(t) * G * D));
+        a.x += f * v.x; a.y += f * v.y; a.z += f * v.z; a.w += f * v.w;
+      }
+    }
+    if (SL > 1) {
+      __syncthreads();
+      red4[tid] = a;
+      __syncthreads();
+      if (tid < items)
+        for (int k = 1; k < SL; ++k) {
+          const float4 o = red4[tid + k * items];
+          a.x += o.x; a.y += o.y; a.z += o.z; a.w += o.w;
+        }
+    }
+    if (item >= items || sl != 0) continue;
+    const int r = item / NQ, c = item % NQ;
+    const OutWeights ow = sow[r];
+    const int64_t h = g * G + r, mbase = MaskBase(p, b, h, 0);
+    const bool need_vs = ow.wv != 0.f || (p.present_v_sum && r == 0);
+    float vs[4] = {0.f, 0.f, 0.f, 0.f};
+    if (need_vs) {  // v̄ numerator: past_v_sum (or every visible past row) + the visible new rows
+      const int64_t begin = p.past_v_sum ? geo.past_rows : 0;
+      if (p.past_v_sum) {
+        const float* pv = p.past_v_sum + (b * p.Hkv + g) * D + 4 * c;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) vs[e] = pv[e];
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        float add;
+        if (!MaskVisible<T>(p, mbase, j, add)) continue;
+        const T* vr = KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, D) + 4 * c;
+        float vv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) vv[e] = ToF<T>(vr[e]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) vs[e] += vv[e];
+      }
+      if (p.present_v_sum && r == 0) {
+        float* pvs = p.present_v_sum + (b * p.Hkv + g) * D + 4 * c;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pvs[e] = vs[e];
+      }
+    }
+    const float av[4] = {a.x, a.y, a.z, a.w};
+    T* y = static_cast<T*>(p.y) + (b * p.Hq + h) * D + 4 * c;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float v = ow.nan ? NAN : ow.zero ? 0.f : ow.wa * av[e] + (ow.wv != 0.f ? ow.wv * vs[e] : 0.f);
+      y[e] = FromF<T>(v);
+    }
+  }
+  {  // the group's new K/V rows into present (at past_rows; in place or after the copy)
+    const int64_t rows = p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
+    const int64_t bg = b * p.Hkv + g;
+    constexpr int64_t W = D * int64_t(sizeof(T)) / 4;  // 32-bit words per row
+    for (int64_t x = tid; x < p.Skv * W; x += kThreads) {
+      const int64_t sr = x / W, w = x % W;
+      const int64_t dst = (bg * rows + geo.past_rows + sr) * W + w, src = (bg * p.Skv + sr) * W + w;
+      if (p.present_key) static_cast<uint32_t*>(p.present_key)[dst] = static_cast<const uint32_t*>(p.k_new)[src];
+      if (p.present_value) static_cast<uint32_t*>(p.present_value)[dst] = static_cast<const uint32_t*>(p.v_new)[src];
+    }
+  }
+  if (p.stats && tid < G * kNumStats) {
+    const int r = tid / kNumStats, k = tid % kNumStats;
+    const int64_t n = int64_t(head_n[r]);
+    int64_t v = 0;
+    if (k == kGroupVRows) v = int64_t(mst[r][1]);  // every head of the group
+    if (n > 0) {
+      switch (k) {
+        case kRows: v = 1; break;
+        case kVisible: v = n; break;
+        case kKept: v = int64_t(mst[r][0]); break;
+        case kDenseRows: v = mst[r][2] != 0.f; break;
+        case kBeyond: v = p.calibrated_max_length > 0 && n > p.calibrated_max_length; break;
+      }
+    }
+    p.stats[(b * p.Hq + g * G + r) * kNumStats + k] = v;
+  }
+}
+
 // grid (splits, Hkv, B), block kThreads, dynamic smem kStages · KStageBytes (kPre, kScores).
 // Warp w owns rows [w·RW, w·RW + RW) of every tile end to end — scores, decisions, compaction,
 // V gather — with its own running max, so the only CTA barrier per tile is the K ring's.
@@ -139,9 +320,14 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, TK = C::TK;
   constexpr int RW = RPW * U;  // rows per warp per tile (<= 32)
   static_assert(RW <= 32, "one key per lane in the decision phase");
+  // Tensor-core scores for 16-bit T; the K ring is then XOR-swizzled by 16-byte chunk
+  // (chunk c of row r at c ^ (r & 7)) so ldmatrix reads are free of bank conflicts.
+  constexpr bool kMma = TOPT_DECODE_MMA && sizeof(T) == 2 && kMode != kPost;
+  static_assert(!kMma || (RW % 16 == 0 && D % 16 == 0 && GM <= 8), "mma tile shape");
+  constexpr int SCW = TK + 4;  // sc row stride: the mma lanes' stores hit distinct banks
   extern __shared__ __align__(16) char kring_raw[];  // K tiles: [kStages][TK][D] T
   T* kring = reinterpret_cast<T*>(kring_raw);
-  __shared__ float sc[GM][TK];           // scores of the tile (warp w: its rows)
+  __shared__ float sc[GM][SCW];           // scores of the tile (warp w: its rows)
   __shared__ float wts[2][GM][TK];       // e_j of kept keys, 0 otherwise (by tile parity)
   __shared__ unsigned char idx[kWarps][32];  // a warp's kept rows of the current tile (warp-local)
   __shared__ float gstat[GM][2];         // kPost: global mx, Z per head
@@ -162,6 +348,8 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   const int64_t unit = ((b * p.Hkv + g) * splits + s) * G;  // first (split, head) unit of this CTA
   const int row0 = warp * RW;
 
+  // Element offset of 16-byte chunk c of tile row `row` in a K stage.
+  auto Swz = [](int row, int c) { return row * D + (kMma ? (c ^ (row & 7)) : c) * E; };
   // K ring: tile `it` → stage it % kStages; thread x copies 16-byte chunks x, x + kThreads, ...
   auto issue = [&](int it) {
     if (it < ntiles) {
@@ -170,14 +358,14 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       if (t0 + TK <= min(hi, geo.past_rows)) {  // whole tile in the past buffer: 32-bit offsets
         const T* base = static_cast<const T*>(p.past_key) + ((b * p.Hkv + g) * geo.past_len + t0) * D;
 #pragma unroll
-        for (int x = tid; x < TK * LPR; x += kThreads) CpAsync16(stage + x * E, base + x * E, true);
+        for (int x = tid; x < TK * LPR; x += kThreads) CpAsync16(stage + Swz(x / LPR, x % LPR), base + x * E, true);
       } else {
 #pragma unroll
         for (int x = tid; x < TK * LPR; x += kThreads) {
           const int row = x / LPR, c = x % LPR;
           const int64_t j = t0 + row;
           const bool ok = j < hi;
-          CpAsync16(stage + row * D + c * E,
+          CpAsync16(stage + Swz(row, c),
                     KvRow<T>(p.past_key, p.k_new, p, geo, b, g, ok ? j : lo, D) + c * E, ok);
         }
       }
@@ -229,7 +417,16 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   // q of this lane's 16-byte column chunk, scaled: q[r][e] = scale · Q[b, g·G + r, 0, c·E + e].
   const int col = lane % LPR, sub = lane / LPR;
   float q[GM][E];
-  if constexpr (kMode != kPost) {
+  unsigned qb[kMma ? D / 16 : 1][2];  // mma B fragments: head lane / 4, dims 16·ks + 2·(lane % 4) (+8)
+  if constexpr (kMma) {
+    const int hq = lane >> 2, kq = (lane & 3) * 2;
+    const T* qrow = static_cast<const T*>(p.q) + (b * p.Hq + g * G + (hq < G ? hq : 0)) * D;
+#pragma unroll
+    for (int ks = 0; ks < (kMma ? D / 16 : 1); ++ks) {
+      qb[ks][0] = hq < G ? *reinterpret_cast<const unsigned*>(qrow + ks * 16 + kq) : 0u;
+      qb[ks][1] = hq < G ? *reinterpret_cast<const unsigned*>(qrow + ks * 16 + kq + 8) : 0u;
+    }
+  } else if constexpr (kMode != kPost) {
 #pragma unroll
     for (int r = 0; r < GM; ++r) {
       const int rr = r < G ? r : 0;
@@ -312,6 +509,23 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       __syncthreads();  // tile `it` landed for every thread; the stage of tile it-1 is free
       issue(it + kStages - 1);
       const T* stage = kring + (it % kStages) * TK * D;
+      if constexpr (kMma) {
+        const unsigned sbase = static_cast<unsigned>(__cvta_generic_to_shared(stage));
+        const int mq = lane >> 3, gk = lane >> 2, hq = (lane & 3) * 2;
+#pragma unroll
+        for (int mb = 0; mb < RW / 16; ++mb) {
+          const int rbase = row0 + mb * 16, lrow = rbase + (lane & 7) + (mq & 1) * 8;
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int ks = 0; ks < (kMma ? D / 16 : 1); ++ks) {
+            unsigned a[4];
+            LdMatrixX4(a, sbase + unsigned(Swz(lrow, ks * 2 + (mq >> 1))) * unsigned(sizeof(T)));
+            Mma16816<T>(c, a, qb[ks][0], qb[ks][1]);
+          }
+          if (hq < G) { sc[hq][rbase + gk] = c[0] * p.scale; sc[hq][rbase + gk + 8] = c[2] * p.scale; }
+          if (hq + 1 < G) { sc[hq + 1][rbase + gk] = c[1] * p.scale; sc[hq + 1][rbase + gk + 8] = c[3] * p.scale; }
+        }
+      } else {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int row = row0 + u * RPW + sub;
@@ -338,6 +552,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
 #pragma unroll
         for (int o = LPR / (2 * GM); o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
         if (col % (LPR / GM) == 0 && col / (LPR / GM) < G) sc[col / (LPR / GM)][row] = v[0];
+      }
       }
       __syncwarp();
 #pragma unroll
@@ -521,12 +736,16 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
         if (wpart[w][0][r] != -INFINITY) t += __expf(wpart[w][0][r] - M) * accs[w][r][d];
       ws.acc[(unit + r) * D + d] = t;
     }
+    if constexpr (TOPT_DECODE_FUSED_MERGE) MergeTail<T, D, GM>(p, ws, splits, b, g, G, reinterpret_cast<float*>(kring_raw), head_n);
   }
 }
 
+constexpr int kMaxSplits = 1024;
+
 // Merge the splits of (b, h) and write Y, stats and (for the group's first head) present_v_sum.
 // grid (Hq, B), block kMergeThreads: 8 groups of splits × 32 lanes of float4 columns (Dv <= 128).
-constexpr int kMergeThreads = 256, kMaxSplits = 1024;
+// (Default path; -DTOPT_DECODE_FUSED_MERGE=1 folds this into the split kernel's MergeTail instead.)
+constexpr int kMergeThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParams p, Ws ws, int splits) {
@@ -659,23 +878,29 @@ template <typename T, int D, int GM>
 cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(splits), unsigned(p.Hkv), unsigned(p.B));
   constexpr int ring = kStages * KStageBytes<T, D>();
+  static_assert(ring >= GM * kMaxSplits * int(sizeof(float)), "the merge tail's scratch lives in the K ring");
   static bool attr_set = false;  // per instantiation; the attribute is per device function
   if (!attr_set) {
     for (auto k : {DecodeSplitKernel<T, D, GM, kPre>, DecodeSplitKernel<T, D, GM, kScores>}) {
       const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
       if (e != cudaSuccess) return e;
     }
+    const cudaError_t e = cudaFuncSetAttribute(DecodeSplitKernel<T, D, GM, kPost>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               GM * kMaxSplits * int(sizeof(float)));
+    if (e != cudaSuccess) return e;
     attr_set = true;
   }
+  // TOPT_DECODE_FUSED_MERGE: the last CTA of each (b, g) merges the splits (MergeTail); else the merge kernel.
   if (p.placement == Placement::kPreSoftmax) {
     DecodeSplitKernel<T, D, GM, kPre><<<grid, kThreads, ring, stream>>>(p, ws);
   } else {
     DecodeSplitKernel<T, D, GM, kScores><<<grid, kThreads, ring, stream>>>(p, ws);
-    cudaError_t err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, ws);
+    cudaError_t err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads),
+                                TOPT_DECODE_FUSED_MERGE ? size_t(GM) * size_t(splits) * sizeof(float) : size_t(0), stream, p, ws);
     if (err != cudaSuccess) return err;
   }
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || TOPT_DECODE_FUSED_MERGE) return err;
   return LaunchPdl(DecodeMergeKernel<T>, dim3(unsigned(p.Hq), unsigned(p.B)), dim3(kMergeThreads), 0, stream, p, ws, splits);
 }
 
@@ -719,11 +944,14 @@ int DecodeSplits(const TopThetaParams& p, int forced) {
 }
 
 int64_t DecodeWorkspaceBytes(const TopThetaParams& p, int splits) {
-  return WsFloats(p, splits) * int64_t(sizeof(float));
+  return (WsFloats(p, splits) * int64_t(sizeof(float)) + 15) / 16 * 16 + CounterBytes(p);
 }
 
-cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, cudaStream_t stream) {
-  const Ws ws = CarveWs(workspace, p, splits);
+int64_t DecodeCounterBytes(const TopThetaParams& p) { return CounterBytes(p); }
+
+cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, int64_t workspace_bytes,
+                         cudaStream_t stream) {
+  const Ws ws = CarveWs(workspace, workspace_bytes, p, splits);
   switch (p.dtype) {
     case DType::kFloat32: return LaunchT<float>(p, splits, ws, stream);
     case DType::kFloat16: return LaunchT<__half>(p, splits, ws, stream);

@@ -19,12 +19,17 @@ cudaError_t LaunchPresentVSum(const TopThetaParams& p, cudaStream_t stream);
 // Adds into stats (the caller zeroes it first).
 cudaError_t LaunchGeneric(const TopThetaParams& p, cudaStream_t stream);
 
-// tt_decode.cu: S = 1, Dh = Dv in {64, 128}, G <= 8, 16-byte aligned rows; split-KV.
+// tt_decode.cu: S = 1, Dh = Dv in {64, 128}, G <= 8, 16-byte aligned rows; split-KV, then the
+// merge kernel (or, with -DTOPT_DECODE_FUSED_MERGE=1, the last CTA of each (b, g) merging).
 // Writes Y, stats, present_v_sum and the new rows of present_key/value itself.
+// Workspace: DecodeWorkspaceBytes; its last DecodeCounterBytes (arrival counters) must be zero at
+// launch and are zero again when the launch completes.
 bool DecodeSupported(const TopThetaParams& p);
 int DecodeSplits(const TopThetaParams& p, int forced);
 int64_t DecodeWorkspaceBytes(const TopThetaParams& p, int splits);
-cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, cudaStream_t stream);
+int64_t DecodeCounterBytes(const TopThetaParams& p);
+cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, int64_t workspace_bytes,
+                         cudaStream_t stream);
 
 }  // namespace cuda_detail
 }  // namespace topt
