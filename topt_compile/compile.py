@@ -115,7 +115,7 @@ def compile_model(model_path: str | os.PathLike, output_path: str | os.PathLike,
     if not matched and not options.allow_no_sites:
         dense = f"; {len(sites)} kept dense, first: {sites[0].id}: {sites[0].reason}" if sites else ""
         raise NoSitesError(f"{model_path}: no attention site matched{dense} (use --allow-no-sites to write it unchanged)")
-    table = _table(options, fp, sites)
+    table = resolve_thresholds(options, fp, sites)
     table.check_fits(fp, sites)
     rewrite(model, sites, table, stats=options.stats)
     t["rewrite"] = time.perf_counter()
@@ -130,7 +130,8 @@ def compile_model(model_path: str | os.PathLike, output_path: str | os.PathLike,
     return report
 
 
-def _table(options: CompileOptions, fp: str, sites: list[Site]) -> ThresholdTable:
+def resolve_thresholds(options: CompileOptions, fp: str, sites: list[Site]) -> ThresholdTable:
+    """The table compile options ask for: a t.json (path or table) or a uniform θ for every site."""
     if (options.thresholds is None) == (options.theta is None):
         raise ThresholdsError("thresholds: expected exactly one of a t.json file and a uniform theta")
     if options.theta is not None:

@@ -43,7 +43,6 @@ import numpy as np
 
 from .data import Tokenizer, default_tokenizer, fewshot_prefix, load_questions, load_samples, split_shots
 from .errors import ToptError
-from .ops import schema
 from .thresholds.calibrate import CalibrationConfig, calibrate, progress
 
 DEFAULT_SHOTS = {"arc_easy": 25, "arc_challenge": 25, "hellaswag": 10, "lambada": 0}

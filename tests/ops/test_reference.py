@@ -179,7 +179,6 @@ def test_group_union_counts_v_rows_once_per_group():
 
 
 def test_threshold_column_is_a_step_function_of_row_length():
-    case = Case(B=1, Hq=1, Hkv=1, S=1, Skv=1, P=0, placement="pre_softmax", compensation="none")
     rng = np.random.default_rng(0)
     for n, expected_col in [(1, 0), (4, 0), (5, 1), (11, 1), (12, 2), (19, 2), (20, 3), (500, 3)]:
         q = rng.standard_normal((1, 1, 1, 8)).astype(np.float32)

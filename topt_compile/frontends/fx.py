@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..compile import CompileOptions, Report
-from ..errors import NoSitesError, ThresholdsError, ToptError
+from ..compile import CompileOptions, Report, resolve_thresholds
+from ..errors import NoSitesError, ToptError
 from ..match.site import DENSE, MATCHED, Site
-from ..thresholds.schema import SiteThresholds, ThresholdTable
+from ..thresholds.schema import SiteThresholds
 from .torch_op import top_theta_attention
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
@@ -113,7 +113,7 @@ def sparsify(model: torch.nn.Module, options: CompileOptions | None = None, *, e
     if not matched and not options.allow_no_sites:
         dense = f"; {len(sites)} kept dense, first: {sites[0].id}: {sites[0].reason}" if sites else ""
         raise NoSitesError(f"{type(model).__name__}: no attention site matched{dense}")
-    table = _table(options, fp, sites)
+    table = resolve_thresholds(options, fp, sites)
     table.check_fits(table.fingerprint, sites)  # a torch module has no ONNX fingerprint: sites are checked
     site_modules = {s.id: TopThetaSite(s.id, table.sites[s.id], s.scale) for s in matched}
     if _is_hf(model):
@@ -152,19 +152,6 @@ def fingerprint(sites: list[Site]) -> str:
     for s in sites:
         h.update(f"{s.id}:{s.status}:{s.Hq}:{s.Hkv}:{s.Dh}:{s.dtype};".encode())
     return h.hexdigest()[:16]
-
-
-def _table(options: CompileOptions, fp: str, sites: list[Site]) -> ThresholdTable:
-    if (options.thresholds is None) == (options.theta is None):
-        raise ThresholdsError("thresholds: expected exactly one of a t.json file and a uniform theta")
-    if options.theta is not None:
-        if options.theta != options.theta:
-            raise ThresholdsError("theta: expected a number or -inf, got nan")
-        return ThresholdTable.uniform(fp, sites, options.theta, k=options.k, placement=options.placement,
-                                      compensation=options.compensation).validate()
-    if isinstance(options.thresholds, ThresholdTable):
-        return options.thresholds.validate()
-    return ThresholdTable.load(options.thresholds)
 
 
 def _find(model, example_inputs):
