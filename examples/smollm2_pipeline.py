@@ -4,7 +4,7 @@
     python examples/smollm2_pipeline.py --questions 20   # ≈ 6–8 min on 2 cores, export included
 
 1. export SmolLM2-135M-Instruct (GGUF dequantized to float32) to ONNX with a KV cache (torch.onnx
-   dynamo; cached in .cache/models);
+   dynamo; cached in <work>);
 2. calibrate Top-θ thresholds in onnxruntime on 25-shot ARC-Challenge prompts (top-k at
    calibration, k for every layer, sites 0 and 1 at 4·k) → t.json;
 3. compile the model with them (every attention → ai.topt::TopThetaAttention, post-softmax + VMC);
@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's topt_compile, and tests/models.py
-
-from models import export_smollm2, smollm2_gguf  # noqa: E402
+sys.path[:0] = [str(ROOT)]  # this checkout's topt_compile
 
 from topt_compile.compile import compile_model  # noqa: E402
 from topt_compile.data import Tokenizer, load_samples  # noqa: E402
 from topt_compile.eval import EvalConfig, run, to_markdown, write_report  # noqa: E402
+from topt_compile.frontends.export import export_smollm2, smollm2_gguf  # noqa: E402
 from topt_compile.thresholds.calibrate import calibrate  # noqa: E402
 
 
@@ -44,7 +43,9 @@ def main() -> int:
     t0 = time.perf_counter()
 
     print("1/4 export (cached after the first run) …", flush=True)
-    model = export_smollm2(kv_cache=True)
+    model = work / "smollm2-kv.onnx"
+    if not model.exists():
+        export_smollm2(model, kv_cache=True)
     print(f"    {model} ({time.perf_counter() - t0:.0f} s)")
 
     print(f"2/4 calibrate k={args.k} on {args.calib_samples} ARC-Challenge 25-shot prompts …", flush=True)

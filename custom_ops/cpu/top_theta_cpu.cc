@@ -3,6 +3,10 @@
 // stats; the group's heads are handled together so stats[..., 5] (the union of their kept V rows)
 // needs no second pass. Scores, sums and Y are float32; fp16 is converted on load and rounded
 // once on store. TopThetaCalibrate runs this same kernel with a RowThreshold giving θ per row.
+//
+// CMake compiles this file twice on x86-64: as is, and with -mavx2 -mfma and
+// TOPT_CPU_AVX2_VARIANT defined, which names the entry point RunTopThetaCpuAvx2 and leaves out
+// the half conversions; RunTopThetaCpu dispatches to it when the processor has AVX2 and FMA.
 #include "top_theta_cpu.h"
 
 #include <algorithm>
@@ -35,6 +39,7 @@ float FloatOf(uint32_t u) {
 
 }  // namespace
 
+#ifndef TOPT_CPU_AVX2_VARIANT
 float HalfToFloat(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1fu;
@@ -64,6 +69,7 @@ uint16_t FloatToHalf(float f) {
   u += (uint32_t(15 - 127) << 23) + 0xfffu + mantissa_odd;  // rebias, round; may carry to inf
   return uint16_t(sign | (u >> 13));
 }
+#endif
 
 namespace {
 
@@ -85,6 +91,26 @@ inline void Store(T* x, float v) {
   }
 }
 
+// exp(x) for x <= 0 (a score minus its row maximum) within about 2 ulp, in plain arithmetic that
+// the compiler vectorises (std::exp does not, and was most of a long row's time): Cephes' expf
+// polynomial after x = n·ln2 + r. Below -87.3 (under float's normal range) it gives 0; NaN stays NaN.
+inline float ExpNonPositive(float x) {
+  const float y = x * 1.44269504088896341f - 0.5f;
+  const float n = float(int32_t(std::max(y, -127.f)));  // round to nearest for x <= 0 (truncation)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.33654f ? 0.f : p * scale;
+}
+
 // Σ a[d]·b[d] in float32 over 8 interleaved partial sums, so the compiler can vectorise it
 // without -ffast-math (which would also break the NaN/inf rules of op.md).
 inline float Dot(const float* a, const float* b, int64_t n) {
@@ -97,6 +123,32 @@ inline float Dot(const float* a, const float* b, int64_t n) {
               ((partial[4] + partial[5]) + (partial[6] + partial[7]));
   for (; d < n; ++d) sum += a[d] * b[d];
   return sum;
+}
+
+// Dot(q, r_u) for four rows at once: the same sums in the same order as Dot (bit-identical), but
+// four independent chains (GCC/Clang vector types, 8 lanes = Dot's 8 partial sums), so a 64-wide
+// row is not bound by the latency of one accumulator.
+typedef float Lanes8 __attribute__((vector_size(32)));
+
+inline Lanes8 LoadLanes(const float* x) {
+  Lanes8 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+inline void Dot4(const float* q, const float* const r[4], int64_t n, float out[4]) {
+  Lanes8 acc[4] = {};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const Lanes8 x = LoadLanes(q + d);
+    for (int u = 0; u < 4; ++u) acc[u] += x * LoadLanes(r[u] + d);
+  }
+  for (int u = 0; u < 4; ++u) {
+    const Lanes8& a = acc[u];
+    float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    for (int64_t e = d; e < n; ++e) sum += q[e] * r[u][e];
+    out[u] = sum;
+  }
 }
 
 // Row j of Kall or Vall of one (b, g) as float32: the past buffer's rows before `new_begin`, the
@@ -142,6 +194,8 @@ template <typename T>
 struct Scratch {
   KvRows<T> keys, values;
   std::vector<float> q, scores, probs, acc, v_mean, selection;
+  std::vector<double> v_prefix;   // v_prefix[j·Dv + d] = Σ_{j' < j} V[j'][d] (VMC over a visible prefix)
+  int64_t v_prefix_rows = -1;     // rows summed so far; -1: not built for this unit
   std::vector<int64_t> visible;   // indices j of the visible keys of the current row
   std::vector<uint8_t> keep;      // per visible key
   std::vector<int64_t> union_stamp;  // union_stamp[j] == row id: key j kept by some head of the row
@@ -161,6 +215,27 @@ void WritePresent(const TopThetaParams& p, int64_t bg, int64_t past_rows, const 
     std::memcpy(present, past + bg * p.P * d, size_t(p.P * d) * sizeof(T));
   }
   std::memcpy(present + past_rows * d, fresh, size_t(p.Skv * d) * sizeof(T));
+}
+
+// Σ of V rows [0, rows) in float64, from prefix sums extended on demand (Dv doubles per row).
+template <typename T>
+const double* VPrefix(Scratch<T>& s, int64_t rows) {
+  const int64_t Dv = int64_t(s.acc.size());
+  if (s.v_prefix_rows < 0) {
+    s.v_prefix.assign(size_t(Dv), 0.0);
+    s.v_prefix_rows = 0;
+  }
+  if (rows > s.v_prefix_rows) {
+    s.v_prefix.resize(size_t((rows + 1) * Dv));
+    for (int64_t j = s.v_prefix_rows; j < rows; ++j) {
+      const float* v = s.values.Row(j);
+      const double* prev = s.v_prefix.data() + j * Dv;
+      double* next = s.v_prefix.data() + (j + 1) * Dv;
+      for (int64_t d = 0; d < Dv; ++d) next[d] = prev[d] + double(v[d]);
+    }
+    s.v_prefix_rows = rows;
+  }
+  return s.v_prefix.data() + rows * Dv;
 }
 
 template <typename T>
@@ -191,6 +266,7 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s, RowTh
   s.acc.resize(size_t(Dv));
   s.v_mean.resize(size_t(Dv));
   s.union_stamp.assign(size_t(new_end), -1);
+  s.v_prefix_rows = -1;
   const float* past_v_sum = p.past_v_sum ? p.past_v_sum + bg * Dv : nullptr;
 
   // Visible keys of (h, i) into s.visible[0, n), with their scores when `q` is given.
@@ -207,10 +283,21 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s, RowTh
         m = Load(static_cast<const T*>(p.mask) + mask_base + j * p.mask_stride_t);
         if (m <= kMaskedAtOrBelow) continue;  // NaN is not <= -10000: visible, its score NaN
       }
-      if (q) {
-        s.scores[size_t(n)] = p.scale * Dot(q, s.keys.Row(j), Dh) + m;
-      }
+      if (q) s.scores[size_t(n)] = m;  // the mask term; the dot product is added below
       s.visible[size_t(n++)] = j;
+    }
+    if (q) {
+      int64_t t = 0;
+      for (; t + 4 <= n; t += 4) {
+        const float* rows[4];
+        float dots[4];
+        for (int u = 0; u < 4; ++u) rows[u] = s.keys.Row(s.visible[size_t(t + u)]);
+        Dot4(q, rows, Dh, dots);
+        for (int u = 0; u < 4; ++u) s.scores[size_t(t + u)] = p.scale * dots[u] + s.scores[size_t(t + u)];
+      }
+      for (; t < n; ++t) {
+        s.scores[size_t(t)] = p.scale * Dot(q, s.keys.Row(s.visible[size_t(t)]), Dh) + s.scores[size_t(t)];
+      }
     }
     return n;
   };
@@ -245,10 +332,11 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s, RowTh
 
       // e_j = exp(a_j - mx) into probs; Z; the keep decisions.
       float Z = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        const float e = std::exp(s.scores[size_t(t)] - mx);
-        s.probs[size_t(t)] = e;
-        Z += e;
+      {
+        const float* a = s.scores.data();
+        float* e = s.probs.data();
+        for (int64_t t = 0; t < n; ++t) e[t] = ExpNonPositive(a[t] - mx);
+        for (int64_t t = 0; t < n; ++t) Z += e[t];
       }
       const RowView row{b, h, i, c, n, s.scores.data(), s.probs.data(), mx, Z};
       const bool per_row_theta = row_threshold && !dense && !has_nan && mx != -kInf;
@@ -324,11 +412,20 @@ void RunUnit(const TopThetaParams& p, int64_t b, int64_t g, Scratch<T>& s, RowTh
       if (p.vmc && !dense) {  // dropped mass onto the mean of the visible V rows
         std::fill(s.v_mean.begin(), s.v_mean.end(), 0.f);
         if (past_v_sum) std::copy(past_v_sum, past_v_sum + Dv, s.v_mean.begin());
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t j = s.visible[size_t(t)];
-          if (past_v_sum && j < past_rows) continue;  // past rows come from the running sum
-          const float* v = s.values.Row(j);
-          for (int64_t d = 0; d < Dv; ++d) s.v_mean[size_t(d)] += v[d];
+        if (s.visible[size_t(n - 1)] == n - 1) {
+          // The visible keys are the prefix [0, n) (causal, no holes): one difference of prefix
+          // sums, built once per (b, g), instead of n rows for every head and row.
+          const int64_t first = past_v_sum ? std::min(past_rows, n) : 0;
+          const double* hi = VPrefix(s, n);
+          const double* lo = VPrefix(s, first);
+          for (int64_t d = 0; d < Dv; ++d) s.v_mean[size_t(d)] += float(hi[d] - lo[d]);
+        } else {
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t j = s.visible[size_t(t)];
+            if (past_v_sum && j < past_rows) continue;  // past rows come from the running sum
+            const float* v = s.values.Row(j);
+            for (int64_t d = 0; d < Dv; ++d) s.v_mean[size_t(d)] += v[d];
+          }
         }
         const float w = (1.f - kept_p) / float(n);
         for (int64_t d = 0; d < Dv; ++d) s.acc[size_t(d)] += w * s.v_mean[size_t(d)];
@@ -384,7 +481,19 @@ void Run(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold) 
 
 }  // namespace
 
+#ifdef TOPT_CPU_AVX2_VARIANT
+void RunTopThetaCpuAvx2(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold) {
+#else
+#ifdef TOPT_CPU_HAVE_AVX2
+void RunTopThetaCpuAvx2(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold);
+#endif
+
 void RunTopThetaCpu(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold) {
+#ifdef TOPT_CPU_HAVE_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return RunTopThetaCpuAvx2(p, num_threads, row_threshold);
+#endif
+#endif
   if (p.dtype == DType::kFloat16) {
     Run<uint16_t>(p, num_threads, row_threshold);
   } else {

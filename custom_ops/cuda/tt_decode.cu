@@ -37,8 +37,19 @@ struct Cfg {
 // p1 [B, Hkv, splits, G, kPartF] (post pass 1), scores [B, Hq, Tbuf] (post).
 // Arrival counters [B, Hkv] (unsigned) sit in the last CounterBytes of the workspace: zero at launch,
 // the last CTA of each (b, g) resets its counter, so they are zero again after every call.
+// VMC without past_v_sum (a compiled model carries no running V sum): v̄'s numerator comes from
+// kVSumChunks partial sums per (b, group) [or per (b, h) when the mask differs per head], summed in
+// parallel by DecodeVSumKernel before the splits, so no thread walks the whole cache.
+constexpr int kVSumChunks = 64;
+
+__host__ __device__ inline bool VSumNeeded(const TopThetaParams& p) { return (p.vmc || p.present_v_sum) && !p.past_v_sum; }
+__host__ __device__ inline bool VSumPerGroup(const TopThetaParams& p) {
+  return p.mask_kind == MaskKind::kNone || p.mask_stride_h == 0;
+}
+__host__ __device__ inline int64_t VSumHeads(const TopThetaParams& p) { return VSumPerGroup(p) ? p.Hkv : p.Hq; }
+
 struct Ws {
-  float *acc, *part, *p1, *scores;
+  float *acc, *part, *p1, *scores, *vsum;
   unsigned* count;
   int64_t tbuf;
 };
@@ -57,6 +68,7 @@ __host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const Top
   w.part = w.acc + units * p.Dv;
   w.p1 = w.part + units * kPartF;
   w.scores = w.p1 + units * kPartF;
+  w.vsum = w.scores + (p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0);
   w.tbuf = Tbuf(p);
   return w;
 }
@@ -64,7 +76,8 @@ __host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const Top
 __host__ __device__ inline int64_t WsFloats(const TopThetaParams& p, int splits) {
   const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
   const int64_t scores = p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0;
-  return units * (p.Dv + 2 * kPartF) + scores;
+  const int64_t vsum = VSumNeeded(p) ? p.B * VSumHeads(p) * kVSumChunks * p.Dv : 0;
+  return units * (p.Dv + 2 * kPartF) + scores + vsum;
 }
 
 // Split s of `splits` over keys [0, n_keys), in whole tiles.
@@ -742,6 +755,26 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
 
 constexpr int kMaxSplits = 1024;
 
+// Partial sums of the visible V rows (decode row i = 0) for VMC without past_v_sum: grid
+// (kVSumChunks, VSumHeads, B); chunk c of the visible range, one thread per column.
+template <typename T>
+__global__ void DecodeVSumKernel(TopThetaParams p, Ws ws) {
+  const int64_t c = blockIdx.x, vh = blockIdx.y, b = blockIdx.z;
+  const int64_t G = p.Hq / p.Hkv, h = VSumPerGroup(p) ? vh * G : vh, g = h / G, Dv = p.Dv;
+  const KvGeom geo = GetGeom(p, b);
+  const int64_t end = RowEnd(p, geo, 0), chunk = (end + kVSumChunks - 1) / kVSumChunks;
+  const int64_t lo = min(end, c * chunk), hi = min(end, lo + chunk), mbase = MaskBase(p, b, h, 0);
+  for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll 8
+    for (int64_t j = lo; j < hi; ++j) {
+      float add;
+      if (MaskVisible<T>(p, mbase, j, add)) sum += ToF<T>(KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, Dv)[d]);
+    }
+    ws.vsum[((b * VSumHeads(p) + vh) * kVSumChunks + c) * Dv + d] = sum;
+  }
+}
+
 // Merge the splits of (b, h) and write Y, stats and (for the group's first head) present_v_sum.
 // grid (Hq, B), block kMergeThreads: 8 groups of splits × 32 lanes of float4 columns (Dv <= 128).
 // (Default path; -DTOPT_DECODE_FUSED_MERGE=1 folds this into the split kernel's MergeTail instead.)
@@ -819,16 +852,18 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     float acc = 0.f;
     for (int w = 0; w < NWM; ++w) acc += reinterpret_cast<const float*>(&part[w][d / 4])[d % 4];
     float vs = 0.f;
-    if (need_vs) {  // v̄ numerator: past_v_sum (or every visible past row) + the visible new rows
-      const int64_t begin = p.past_v_sum ? geo.past_rows : 0;
-      vs = p.past_v_sum ? p.past_v_sum[(b * p.Hkv + g) * Dv + d] : 0.f;
-      for (int64_t j = begin; j < RowEnd(p, geo, 0); ++j) {
+    if (need_vs && p.past_v_sum) {  // v̄ numerator: past_v_sum + the visible new rows
+      vs = p.past_v_sum[(b * p.Hkv + g) * Dv + d];
+      for (int64_t j = geo.past_rows; j < RowEnd(p, geo, 0); ++j) {
         float add;
         if (!MaskVisible<T>(p, mbase, j, add)) continue;
         vs += ToF<T>(KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, Dv)[d]);
       }
-      if (p.present_v_sum && r == 0) p.present_v_sum[(b * p.Hkv + g) * Dv + d] = vs;
+    } else if (need_vs) {  // every visible row: DecodeVSumKernel's partial sums
+      const float* parts = ws.vsum + ((b * VSumHeads(p) + (VSumPerGroup(p) ? g : h)) * kVSumChunks) * Dv + d;
+      for (int c = 0; c < kVSumChunks; ++c) vs += parts[c * Dv];
     }
+    if (need_vs && p.present_v_sum && r == 0) p.present_v_sum[(b * p.Hkv + g) * Dv + d] = vs;
     const float v = ow.nan ? NAN : ow.zero ? 0.f : ow.wa * acc + (ow.wv != 0.f ? ow.wv * vs : 0.f);
     y[d] = FromF<T>(v);
   }
@@ -889,6 +924,10 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
                                                GM * kMaxSplits * int(sizeof(float)));
     if (e != cudaSuccess) return e;
     attr_set = true;
+  }
+  if (VSumNeeded(p) && !TOPT_DECODE_FUSED_MERGE) {  // before the splits: they and the merge wait for it
+    const dim3 vgrid(unsigned(kVSumChunks), unsigned(VSumHeads(p)), unsigned(p.B));
+    DecodeVSumKernel<T><<<vgrid, unsigned(std::min<int64_t>(128, (p.Dv + 31) / 32 * 32)), 0, stream>>>(p, ws);
   }
   // TOPT_DECODE_FUSED_MERGE: the last CTA of each (b, g) merges the splits (MergeTail); else the merge kernel.
   if (p.placement == Placement::kPreSoftmax) {

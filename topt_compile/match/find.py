@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from .gqa import GroupQueryAttentionRule
 from .patterns import DecomposedAttention, OnnxAttention
 from .site import DENSE, MATCHED, Site
 
 # Where each rule's match is rooted: the node that produces the attention output.
-_RULES = {("", "MatMul"): DecomposedAttention(), ("", "Attention"): OnnxAttention()}
+_RULES = {("", "MatMul"): DecomposedAttention(), ("", "Attention"): OnnxAttention(),
+          ("com.microsoft", "GroupQueryAttention"): GroupQueryAttentionRule()}
 # Fused attention ops of other runtimes: sites, but not ours to rewrite (yet).
-_FOREIGN = {("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "MultiHeadAttention"),
+_FOREIGN = {("com.microsoft", "MultiHeadAttention"),
             ("com.microsoft", "Attention"), ("com.microsoft", "SparseAttention"),
             ("com.microsoft", "PackedMultiHeadAttention")}
 _HOPS = 6  # how far the site detector walks between Softmax and its MatMuls
@@ -29,8 +31,8 @@ def find_sites(model: ir.Model) -> list[Site]:
                 sites.append(_site(node, MATCHED, rule.props, len(match.nodes)))
                 covered.update(id(n) for n in match.nodes if n.op_type == "Softmax")
                 continue
-            if key == ("", "Attention"):
-                sites.append(Site("", DENSE, node.name or "", "Attention", reason=_reason(rule)))
+            if key != ("", "MatMul"):  # a fused attention op: always a site
+                sites.append(Site("", DENSE, node.name or "", node.op_type, reason=_reason(rule)))
                 continue
             softmax = _attention_softmax(node)
             if softmax is not None and id(softmax) not in covered:
@@ -38,7 +40,7 @@ def find_sites(model: ir.Model) -> list[Site]:
                 sites.append(Site("", DENSE, node.name or "", "sdpa", reason=_reason(rule)))
         elif key in _FOREIGN:
             sites.append(Site("", DENSE, node.name or "", node.op_type,
-                              reason=f"{node.domain}::{node.op_type} is not rewritten (only ONNX Attention and decomposed attention are)"))
+                              reason=f"{node.domain}::{node.op_type} is not rewritten (only ONNX Attention, GroupQueryAttention and decomposed attention are)"))
     for i, site in enumerate(sites):
         site.id = f"layer{i}"
     return sites

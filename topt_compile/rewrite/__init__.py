@@ -6,6 +6,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from ..match.site import Site
 from ..thresholds.schema import ThresholdTable
+from .insert_gqa import InsertTopThetaGQA, is_gqa
 from .insert_top_theta import InsertTopThetaAttention
 
 
@@ -13,10 +14,11 @@ def rewrite(model: ir.Model, sites: list[Site], table: ThresholdTable, stats: bo
     """Rewrites `model` in place: one TopThetaAttention per matched site in `table` (with `stats`,
     each node's statistics become graph outputs `topt.<site>.stats`)."""
     return ir.passes.Sequential(
-        InsertTopThetaAttention(sites, table, stats),
+        InsertTopThetaAttention([s for s in sites if not is_gqa(s)], table, stats),
+        InsertTopThetaGQA(sites, table, stats),
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
     )(model)
 
 
-__all__ = ["rewrite", "InsertTopThetaAttention"]
+__all__ = ["rewrite", "InsertTopThetaAttention", "InsertTopThetaGQA"]

@@ -38,7 +38,9 @@ from ..errors import NoSitesError, ToptError
 from ..frontends import onnx as onnx_frontend
 from ..match import find_sites, fingerprint
 from ..ops.calibrate_reference import fill_columns, sdc_log_mass_from_sums, thresholds_from_sums
+from ..frontends import genai
 from ..rewrite.insert_calibrate import CalibrateSpec, InsertTopThetaCalibrate, output_name
+from ..rewrite.insert_gqa import InsertTopThetaCalibrateGQA, is_gqa
 from .schema import SiteThresholds, ThresholdTable
 
 NO_MASS = -1e4  # sdc_log_mass of a head with no calibrated row: exp(NO_MASS − mx) is 0
@@ -100,6 +102,8 @@ def calibrate(model_path: str | os.PathLike, samples: Sequence[np.ndarray], conf
     lengths = config.threshold_lengths or grid_lengths(longest, config.length_step, config.grid)
 
     t0 = time.perf_counter()
+    folder = genai.find_folder(model_path)
+    model_path = genai.model_path(folder) if folder else model_path  # an onnxruntime-genai folder: its decoder
     model = onnx_frontend.load(model_path)
     sites = find_sites(model)
     fp = fingerprint(model, sites)
@@ -108,14 +112,18 @@ def calibrate(model_path: str | os.PathLike, samples: Sequence[np.ndarray], conf
         raise NoSitesError(f"{model_path}: no attention site matched: nothing to calibrate")
     k = {s.id: config.site_k(i) for i, s in enumerate(sites) if s.matched}
     spec = CalibrateSpec(k, list(lengths), config.placement, config.compensation, sums=True)
-    InsertTopThetaCalibrate(sites, spec)(model)
+    InsertTopThetaCalibrate([s for s in sites if not is_gqa(s)], spec)(model)
+    InsertTopThetaCalibrateGQA(sites, spec)(model)
     model.graph.outputs.clear()
     for s in matched:
         for name in ("theta_sums", "sdc_sums"):
             model.graph.outputs.append(_find_output(model, output_name(s.id, name)))
     RemoveUnusedNodesPass()(model)
     RemoveUnusedOpsetsPass()(model)
-    inputs = [(v.name, v.dtype.name, [d if isinstance(d, int) else None for d in v.shape]) for v in model.graph.inputs]
+    kv_dims = {v.name: [None, s.Hkv, None, s.Dh] for s in matched for v in (s.past_key, s.past_value) if v is not None}
+    inputs = [(v.name, v.dtype.name, [d if isinstance(d, int) else known for d, known in
+                                      zip(v.shape, kv_dims.get(v.name, [None] * len(v.shape)))])
+              for v in model.graph.inputs]  # a KV input's symbolic dims (genai's kv_cache_dim) from its site
     prepare_seconds = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="topt-calibrate.") as tmp:

