@@ -467,7 +467,11 @@ void Run(const TopThetaParams& p, int num_threads, RowThreshold* row_threshold) 
   if (p.stats) std::fill(p.stats, p.stats + p.B * p.Hq * kNumStats, int64_t(0));
   if (units == 0) return;
   int64_t threads = num_threads > 0 ? num_threads : int64_t(std::thread::hardware_concurrency());
-  threads = std::max<int64_t>(1, std::min(threads, units));
+  // A thread per unit only where there is work for it: starting one costs tens of µs, about a
+  // decode step's whole work (one row against a few hundred keys).
+  const int64_t work = p.B * p.Hq * std::max<int64_t>(p.S, 1) * p.total_kv() * (p.Dh + p.Dv);
+  constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+  threads = std::max<int64_t>(1, std::min({threads, units, std::max<int64_t>(1, work / kWorkPerThread)}));
   std::atomic<int64_t> next{0};
   auto worker = [&] {
     Scratch<T> scratch;
