@@ -58,7 +58,7 @@ class EvalConfig:
     shots: dict[str, int] = dataclasses.field(default_factory=dict)  # task → shots (DEFAULT_SHOTS)
     questions: int | None = None             # per task, after the shots; None: all
     seed: int = 0
-    ks: list[int] = dataclasses.field(default_factory=lambda: [32])
+    ks: list[int] = dataclasses.field(default_factory=lambda: [64])
     methods: list[str] = dataclasses.field(default_factory=lambda: ["top_theta"])
     placement: str = "post_softmax"
     compensation: str = "vmc"
@@ -549,7 +549,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="", help="e.g. arc_easy=25,hellaswag=10 (defaults: ARC 25, HellaSwag 10, LAMBADA 0)")
     p.add_argument("--questions", type=int, help="questions per task (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", default="32", help="comma-separated k sweep, e.g. 16,32,64")
+    p.add_argument("--k", default="64", help="comma-separated k sweep, e.g. 16,32,64 (default 64, as topt-calibrate)")
     p.add_argument("--k-layer", default="", help="per-site k, e.g. 0=512,1=512; none: every site at k (default: sites 0, 1 at 4·k)")
     p.add_argument("--methods", default="top_theta", help="comma-separated: top_theta, top_k")
     p.add_argument("--placement", default="post_softmax")
