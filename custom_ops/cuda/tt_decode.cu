@@ -42,7 +42,17 @@ struct Cfg {
 // parallel by DecodeVSumKernel before the splits, so no thread walks the whole cache.
 constexpr int kVSumChunks = 64;
 
-__host__ __device__ inline bool VSumNeeded(const TopThetaParams& p) { return (p.vmc || p.present_v_sum) && !p.past_v_sum; }
+// -DTOPT_DECODE_FUSED_MERGE=1: one launch per pre_softmax call (measured slower on H100, see
+// bench/results/cuda_kernel.md); default 0: the separate PDL'd merge kernel.
+#ifndef TOPT_DECODE_FUSED_MERGE
+#define TOPT_DECODE_FUSED_MERGE 0
+#endif
+// The glue's running V sum (params: vsum_state) is read and written by the merge kernel; the
+// fused-merge experiment does not implement it and streams V instead.
+__host__ __device__ inline bool UsesVSumState(const TopThetaParams& p) { return p.vsum_state && !TOPT_DECODE_FUSED_MERGE; }
+__host__ __device__ inline bool VSumNeeded(const TopThetaParams& p) {
+  return (p.vmc || p.present_v_sum) && !p.past_v_sum && !UsesVSumState(p);
+}
 __host__ __device__ inline bool VSumPerGroup(const TopThetaParams& p) {
   return p.mask_kind == MaskKind::kNone || p.mask_stride_h == 0;
 }
@@ -172,11 +182,6 @@ constexpr int kMinBlocks = TOPT_DECODE_MIN_BLOCKS;  // resident CTAs per SM the 
 template <typename T, int D>
 constexpr int KStageBytes() { return Cfg<T, D>::TK * D * int(sizeof(T)); }
 
-// -DTOPT_DECODE_FUSED_MERGE=1: one launch per pre_softmax call (measured slower on H100, see
-// bench/results/cuda_kernel.md); default 0: the separate PDL'd merge kernel.
-#ifndef TOPT_DECODE_FUSED_MERGE
-#define TOPT_DECODE_FUSED_MERGE 0
-#endif
 // The last-arriving CTA of (b, g) merges the splits' partials by log-sum-exp and writes Y, stats,
 // present_v_sum and the group's new K/V rows (the former merge kernel, folded in: one launch).
 // fsm: shared scratch of GM · splits floats (the K ring, done by now).
@@ -845,15 +850,43 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
   part[warp][lane] = a;
   __syncthreads();
 
-  const bool need_vs = ow.wv != 0.f || (p.present_v_sum && r == 0);
+  const bool state = UsesVSumState(p);
+  const bool need_vs = ow.wv != 0.f || (p.present_v_sum && r == 0) || (state && r == 0);
   const int64_t mbase = MaskBase(p, b, h, 0);
+  // Running V sum (shared_buffer, no mask): the sum of rows [0, past) from the state slot of this
+  // length, or, when the slot is stale (first step after a prefill, a rewind), from V itself.
+  __shared__ float vbase[kMergeThreads];
+  const int64_t past = geo.past_rows;
+  if (need_vs && state) {  // block-uniform
+    const int64_t slot = past & 1;
+    if (past == 0 || p.vsum_state_len[slot * p.B + b] == past) {
+      for (int64_t d = tid; d < Dv; d += kMergeThreads)
+        vbase[d] = past == 0 ? 0.f : p.vsum_state[((slot * p.B + b) * p.Hkv + g) * Dv + d];
+    } else {  // kMergeThreads / Dv row groups; each thread sums a column over every group-th row
+      const int64_t groups = kMergeThreads / Dv, d = tid % Dv, rg = tid / Dv;
+      float sum = 0.f;
+      if (rg < groups) {
+        const T* col = static_cast<const T*>(p.past_value) + (b * p.Hkv + g) * p.P * Dv + d;
+#pragma unroll 8
+        for (int64_t j = rg; j < past; j += groups) sum += ToF<T>(col[j * Dv]);
+      }
+      __syncthreads();
+      vbase[tid] = sum;
+      __syncthreads();
+      if (tid < Dv)
+        for (int64_t k = 1; k < groups; ++k) sum += vbase[tid + k * Dv];
+      __syncthreads();
+      if (tid < Dv) vbase[tid] = sum;
+    }
+    __syncthreads();
+  }
   T* y = static_cast<T*>(p.y) + (b * p.Hq + h) * Dv;
   for (int64_t d = tid; d < Dv; d += kMergeThreads) {
     float acc = 0.f;
     for (int w = 0; w < NWM; ++w) acc += reinterpret_cast<const float*>(&part[w][d / 4])[d % 4];
     float vs = 0.f;
-    if (need_vs && p.past_v_sum) {  // v̄ numerator: past_v_sum + the visible new rows
-      vs = p.past_v_sum[(b * p.Hkv + g) * Dv + d];
+    if (need_vs && (p.past_v_sum || state)) {  // v̄ numerator: past_v_sum (or the state) + the visible new rows
+      vs = p.past_v_sum ? p.past_v_sum[(b * p.Hkv + g) * Dv + d] : vbase[d];
       for (int64_t j = geo.past_rows; j < RowEnd(p, geo, 0); ++j) {
         float add;
         if (!MaskVisible<T>(p, mbase, j, add)) continue;
@@ -864,9 +897,11 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
       for (int c = 0; c < kVSumChunks; ++c) vs += parts[c * Dv];
     }
     if (need_vs && p.present_v_sum && r == 0) p.present_v_sum[(b * p.Hkv + g) * Dv + d] = vs;
+    if (state && r == 0) p.vsum_state[((((past + p.Skv) & 1) * p.B + b) * p.Hkv + g) * Dv + d] = vs;
     const float v = ow.nan ? NAN : ow.zero ? 0.f : ow.wa * acc + (ow.wv != 0.f ? ow.wv * vs : 0.f);
     y[d] = FromF<T>(v);
   }
+  if (state && r == 0 && g == 0 && tid == 0) p.vsum_state_len[((past + p.Skv) & 1) * p.B + b] = int32_t(past + p.Skv);
   if (r == 0) {  // the group's new K/V rows into present (at past_rows; in place or after the copy)
     const int64_t rows = p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
     const int64_t bg = b * p.Hkv + g, es = p.dtype == DType::kFloat32 ? 4 : 2;

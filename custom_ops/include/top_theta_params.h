@@ -56,6 +56,14 @@ struct TopThetaParams {
   float* present_v_sum = nullptr;    // [B, Hkv, Dv]
   int64_t* stats = nullptr;          // [B, Hq, 6]
 
+  // Running V sum of an in-place `shared_buffer` cache, kept between calls by the CUDA glue (so a
+  // compiled model needs no past_v_sum I/O and VMC does not stream V every step). Two slots by
+  // length parity: slot s holds the sum of rows [0, n) of (b, g) iff vsum_state_len[s·B + b] == n,
+  // n % 2 == s. A decode call (S = 1) at past p reads slot p % 2 (else sums V's rows itself) and
+  // writes slot (p + 1) % 2; any other call marks both slots invalid. Null: no state (CPU kernel).
+  float* vsum_state = nullptr;        // [2, B, Hkv, Dv], device
+  int32_t* vsum_state_len = nullptr;  // [2, B], device
+
   // Device scratch for the CUDA kernel (topt::TopThetaCudaWorkspaceBytes(p) bytes); null: the
   // kernel allocates stream-ordered scratch itself. Unused by the CPU kernel.
   void* workspace = nullptr;

@@ -5,8 +5,9 @@
 
 #include "top_theta_calibrate_op.h"
 #include "top_theta_cpu_op.h"
+#include "top_theta_gqa_op.h"
 #ifdef TOPT_WITH_CUDA
-#include "top_theta_cuda_op.h"  // custom_ops/cuda: TopThetaCudaOp, same signature
+#include "top_theta_cuda_op.h"  // custom_ops/cuda: TopThetaCudaOp, TopThetaGqaCudaOp, same signatures
 #endif
 
 namespace {
@@ -17,12 +18,17 @@ using topt::ort::TopThetaCpuOp;
 // Static: ORT keeps pointers to the ops for the lifetime of every session that uses them.
 const TopThetaCpuOp kCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
 const TopThetaCpuOp kCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+const topt::ort::TopThetaGqaCpuOp kGqaCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+const topt::ort::TopThetaGqaCpuOp kGqaCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
 const TopThetaCalibrateCpuOp kCalibrateCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
 const TopThetaCalibrateCpuOp kCalibrateCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
 #ifdef TOPT_WITH_CUDA
 const topt::ort::TopThetaCudaOp kCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
 const topt::ort::TopThetaCudaOp kCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
 const topt::ort::TopThetaCudaOp kCudaBFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
+const topt::ort::TopThetaGqaCudaOp kGqaCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+const topt::ort::TopThetaGqaCudaOp kGqaCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+const topt::ort::TopThetaGqaCudaOp kGqaCudaBFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
 #endif
 
 }  // namespace
@@ -37,12 +43,17 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::CustomOpDomain domain(topt::ort::kDomain);
     domain.Add(&kCpuFloat);
     domain.Add(&kCpuFloat16);
+    domain.Add(&kGqaCpuFloat);
+    domain.Add(&kGqaCpuFloat16);
     domain.Add(&kCalibrateCpuFloat);
     domain.Add(&kCalibrateCpuFloat16);
 #ifdef TOPT_WITH_CUDA
     domain.Add(&kCudaFloat);
     domain.Add(&kCudaFloat16);
     domain.Add(&kCudaBFloat16);
+    domain.Add(&kGqaCudaFloat);
+    domain.Add(&kGqaCudaFloat16);
+    domain.Add(&kGqaCudaBFloat16);
 #endif
     Ort::UnownedSessionOptions(options).Add(domain);
     // The domain must outlive the sessions, and ORT keeps only its pointer: keep them all.

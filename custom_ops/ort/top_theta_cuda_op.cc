@@ -5,54 +5,126 @@
 #include <algorithm>
 #include <string>
 
-#include "top_theta_cuda.h"  // custom_ops/cuda: topt::LaunchTopThetaCuda(const TopThetaParams&, cudaStream_t)
+#include "top_theta_cuda.h"  // custom_ops/cuda: LaunchTopThetaCuda, LaunchGqaPrep/Output
 
 namespace topt::ort {
+
+namespace {
+void Check(cudaError_t error, const Attributes& attributes, const char* what) {
+  if (error != cudaSuccess)
+    throw Ort::Exception(std::string(attributes.op_name) + " node '" + attributes.node_name + "': " + what + ": " +
+                             cudaGetErrorString(error), ORT_FAIL);
+}
+
+// A decode loop over an in-place cache (present bound to past, as onnxruntime-genai and
+// topt_compile.generate do) without a past_v_sum input: the glue keeps the running V sum.
+bool WantsVSumState(const TopThetaParams& p) {
+  return p.kv_layout == KvLayout::kSharedBuffer && p.past_value && p.present_value == p.past_value && !p.past_v_sum &&
+         p.mask_kind == MaskKind::kNone && (p.vmc || p.present_v_sum);
+}
+}  // namespace
+
+CudaNodeState::~CudaNodeState() {
+  for (auto* map : {&scratch_, &front_})
+    for (auto& [stream, sc] : *map)
+      if (sc.p) cudaFree(sc.p);  // synchronizes: no launch still uses it
+  for (auto& [key, st] : vsum_states_) cudaFree(st.sum);
+}
+
+void* CudaNodeState::FrontScratch(int64_t bytes, cudaStream_t stream, const Attributes& attributes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Scratch& sc = front_[stream];
+  if (sc.cap < bytes) {  // grow: the old buffer is freed after the calls queued on it
+    if (sc.p) cudaFreeAsync(sc.p, stream);
+    sc = Scratch{};
+    const int64_t cap = std::max<int64_t>(bytes, 1 << 16);
+    Check(cudaMallocAsync(&sc.p, size_t(cap), stream), attributes, "CUDA scratch");
+    sc.cap = cap;
+  }
+  return sc.p;
+}
+
+CudaNodeState::VSumState& CudaNodeState::StateFor(const TopThetaParams& p, cudaStream_t stream, const Attributes& attributes) {
+  VSumState& st = vsum_states_[p.past_value];
+  if (st.sum && (st.B != p.B || st.Hkv != p.Hkv || st.Dv != p.Dv)) {
+    cudaFreeAsync(st.sum, st.stream);
+    st = VSumState{};
+  }
+  if (!st.sum) {  // one allocation: 2 slots of sums, then 2 slots of lengths (-1: invalid)
+    const size_t sums = size_t(2 * p.B * p.Hkv * p.Dv) * sizeof(float);
+    void* mem = nullptr;
+    Check(cudaMallocAsync(&mem, sums + size_t(2 * p.B) * sizeof(int32_t), stream), attributes, "CUDA V-sum state");
+    st.sum = static_cast<float*>(mem);
+    st.len = reinterpret_cast<int32_t*>(static_cast<char*>(mem) + sums);
+    Check(cudaMemsetAsync(st.len, 0xff, size_t(2 * p.B) * sizeof(int32_t), stream), attributes, "CUDA V-sum state");
+    st.B = p.B, st.Hkv = p.Hkv, st.Dv = p.Dv;
+  }
+  st.stream = stream;
+  st.used = ++calls_;
+  if (vsum_states_.size() > kMaxVSumStates) {  // drop the least recently used (never this one: just used)
+    auto oldest = vsum_states_.begin();
+    for (auto it = vsum_states_.begin(); it != vsum_states_.end(); ++it)
+      if (it->second.used < oldest->second.used) oldest = it;
+    cudaFreeAsync(oldest->second.sum, oldest->second.stream);
+    vsum_states_.erase(oldest);
+  }
+  return vsum_states_[p.past_value];
+}
+
+void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (const int64_t bytes = TopThetaCudaWorkspaceBytes(p); bytes > 0) {
+    const int64_t tail = TopThetaCudaWorkspaceZeroTailBytes(p), data = bytes - tail;
+    Scratch& sc = scratch_[stream];
+    if (sc.cap < bytes) {  // grow: the old buffer is freed after the calls queued on it
+      if (sc.p) cudaFreeAsync(sc.p, stream);
+      sc = Scratch{};
+      const int64_t cap = std::max<int64_t>(bytes, 1 << 20);
+      Check(cudaMallocAsync(&sc.p, size_t(cap), stream), attributes, "CUDA scratch");
+      Check(cudaMemsetAsync(sc.p, 0, size_t(cap), stream), attributes, "CUDA scratch");
+      sc.cap = cap;
+      sc.zero_tail = cap;
+    } else if (const int64_t from = (sc.cap - tail) / 16 * 16; sc.zero_tail < sc.cap - from) {
+      // a larger counter region than any call since the allocation: zero it once
+      Check(cudaMemsetAsync(static_cast<char*>(sc.p) + from, 0, size_t(sc.cap - from), stream), attributes, "CUDA scratch");
+      sc.zero_tail = sc.cap - from;
+    }
+    p.workspace = sc.p;
+    p.workspace_bytes = sc.cap;  // counters at the end of cap, data at the front (cap >= data + tail)
+    sc.zero_tail = std::min(sc.zero_tail, sc.cap - (data + 15) / 16 * 16);
+  }
+  if (WantsVSumState(p)) {
+    VSumState& st = StateFor(p, stream, attributes);
+    p.vsum_state = st.sum;
+    p.vsum_state_len = st.len;
+  }
+  Check(LaunchTopThetaCuda(p, stream), attributes, "CUDA launch failed");
+}
 
 OrtStatusPtr TopThetaCudaOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
   return ToStatus([&] { *kernel = new TopThetaCudaKernel(ParseAttributes(info)); });
 }
 
-TopThetaCudaKernel::~TopThetaCudaKernel() {
-  for (auto& [stream, sc] : scratch)
-    if (sc.p) cudaFree(sc.p);  // synchronizes: no launch still uses it
-}
-
 OrtStatusPtr TopThetaCudaKernel::ComputeV2(OrtKernelContext* context) {
   return ToStatus([&] {
     TopThetaParams p = ParamsFromContext(context, attributes, /*values_on_host=*/false);
+    state.Launch(p, static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream()), attributes);
+  });
+}
+
+OrtStatusPtr TopThetaGqaCudaOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  return ToStatus([&] { *kernel = new TopThetaGqaCudaKernel(ParseGqaAttributes(info)); });
+}
+
+OrtStatusPtr TopThetaGqaCudaKernel::ComputeV2(OrtKernelContext* context) {
+  return ToStatus([&] {
+    const Attributes& a = attributes.base;
+    GqaCall call = GqaCallFromContext(context, attributes, /*values_on_host=*/false);
     auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
-    const auto fail = [&](cudaError_t error) {
-      throw Ort::Exception(std::string(kOpName) + " node '" + attributes.node_name +
-                               "': CUDA scratch failed: " + cudaGetErrorString(error), ORT_FAIL);
-    };
-    std::unique_lock<std::mutex> lock(mu);  // held until the launch is enqueued (stream order does the rest)
-    if (const int64_t bytes = TopThetaCudaWorkspaceBytes(p); bytes > 0) {
-      const int64_t tail = TopThetaCudaWorkspaceZeroTailBytes(p), data = bytes - tail;
-      Scratch& sc = scratch[stream];
-      if (sc.cap < bytes) {  // grow: the old buffer is freed after the calls queued on it
-        if (sc.p) cudaFreeAsync(sc.p, stream);
-        sc = Scratch{};
-        const int64_t cap = std::max<int64_t>(bytes, 1 << 20);
-        if (const cudaError_t e = cudaMallocAsync(&sc.p, size_t(cap), stream); e != cudaSuccess) fail(e);
-        if (const cudaError_t e = cudaMemsetAsync(sc.p, 0, size_t(cap), stream); e != cudaSuccess) fail(e);
-        sc.cap = cap;
-        sc.zero_tail = cap;
-      } else if (const int64_t from = (sc.cap - tail) / 16 * 16; sc.zero_tail < sc.cap - from) {
-        // a larger counter region than any call since the allocation: zero it once
-        if (const cudaError_t e = cudaMemsetAsync(static_cast<char*>(sc.p) + from, 0, size_t(sc.cap - from), stream);
-            e != cudaSuccess)
-          fail(e);
-        sc.zero_tail = sc.cap - from;
-      }
-      p.workspace = sc.p;
-      p.workspace_bytes = sc.cap;  // counters at the end of cap, data at the front (cap >= data + tail)
-      sc.zero_tail = std::min(sc.zero_tail, sc.cap - (data + 15) / 16 * 16);
-    }
-    if (const cudaError_t error = LaunchTopThetaCuda(p, stream); error != cudaSuccess) {
-      throw Ort::Exception(std::string(kOpName) + " node '" + attributes.node_name +
-                               "': CUDA launch failed: " + cudaGetErrorString(error), ORT_FAIL);
-    }
+    PlaceGqaScratch(call, state.FrontScratch(call.scratch_bytes, stream, a));
+    Check(LaunchGqaPrep(call.prep, stream), a, "CUDA launch failed");
+    state.Launch(call.p, stream, a);
+    if (call.p.S != 1) Check(LaunchGqaOutput(call.out, stream), a, "CUDA launch failed");
   });
 }
 

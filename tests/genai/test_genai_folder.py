@@ -12,7 +12,7 @@ from topt_compile import cli
 from topt_compile.compile import list_sites
 from topt_compile.errors import ModelError
 from topt_compile.frontends import genai
-from topt_compile.ops.reference import top_theta_attention
+from topt_compile.ops.reference import top_theta_group_query_attention
 from topt_compile.thresholds.calibrate import calibrate
 from topt_compile.thresholds.schema import ThresholdTable
 
@@ -54,12 +54,32 @@ def test_every_group_query_attention_node_is_a_matched_site(folders, name):
         assert s.variant["kv_layout"] == "shared_buffer" and s.variant["do_rotary"] and s.variant["packed_qkv"]
 
 
+def test_each_group_query_attention_node_becomes_exactly_one_node(folders, compiled):
+    """One TopThetaGroupQueryAttention per GQA node, on the same inputs, and nothing else added:
+    a decode step runs as many nodes as the dense one (ORT's per-node cost dominates small models)."""
+    dense = onnx.load(genai.model_path(folders["fp32"]), load_external_data=False).graph
+    sparse = onnx.load(genai.model_path(compiled("fp32", float("-inf"))), load_external_data=False).graph
+    assert len(sparse.node) == len(dense.node)
+    assert [o.name for o in sparse.output] == [o.name for o in dense.output]
+    gqa = [n for n in dense.node if n.op_type == "GroupQueryAttention"]
+    topt = [n for n in sparse.node if n.op_type == "TopThetaGroupQueryAttention"]
+    assert len(gqa) == len(topt) == LAYERS
+    for g, t in zip(gqa, topt):
+        assert list(t.input[:10]) == (list(g.input) + [""] * 10)[:10]
+        assert {a.name: helper_value(a) for a in t.attribute if a.name in ("num_heads", "kv_num_heads", "do_rotary")} == \
+               {a.name: helper_value(a) for a in g.attribute if a.name in ("num_heads", "kv_num_heads", "do_rotary")}
+
+
+def helper_value(attribute):
+    return onnx.helper.get_attribute_value(attribute)
+
+
 @pytest.mark.parametrize("name", ["fp32", "fp16"])
 def test_compiled_folder_at_theta_minus_inf_equals_dense_on_prefill_and_decode_steps(folders, compiled, topt_library, name):
     dense = Decoder(genai.model_path(folders[name]))
     sparse = Decoder(genai.model_path(compiled(name, float("-inf"))), topt_library)
     nodes = onnx.load(sparse.model, load_external_data=False).graph.node
-    assert sum(n.op_type == "TopThetaAttention" for n in nodes) == LAYERS
+    assert sum(n.op_type == "TopThetaGroupQueryAttention" for n in nodes) == LAYERS
     rng = np.random.default_rng(0)
     tol = dict(rtol=1e-5, atol=1e-5) if name == "fp32" else dict(rtol=1e-2, atol=1e-2)
     for ids in [rng.integers(0, 300, (2, 7))] + [rng.integers(0, 300, (2, 1)) for _ in range(4)]:
@@ -80,20 +100,23 @@ def test_chunked_prefill_after_a_past_equals_dense_at_batch_1(folders, compiled,
 
 
 def _with_site_outputs(folder, tmp_path, site_id):
-    """The compiled model with the site's op inputs (Q, K, V, past_seqlens) and Y as graph outputs."""
+    """The compiled model with the site's op inputs (query, seqlens_k) and output as graph outputs."""
     model = onnx.load(genai.model_path(folder))
-    node = next(n for n in model.graph.node if n.name == f"topt.{site_id}/TopThetaAttention")
-    names = [node.input[i] for i in (0, 1, 2, 8)] + [node.output[0]]
+    node = next(n for n in model.graph.node if n.name == f"topt.{site_id}/TopThetaGroupQueryAttention")
+    names = [node.input[i] for i in (0, 5)] + [node.output[0]]
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     path = tmp_path / "with_outputs.onnx"
     onnx.save(model, path)
     shutil.copy(folder / "genai_config.json", tmp_path)  # Decoder reads the cache shape from it
-    return path, names, node
+    caches = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in node.input[7:9]}
+    return path, names, node, caches[node.input[7]], caches[node.input[8]]
 
 
 @pytest.mark.parametrize("site_id", ["layer0", "layer1"])
 def test_site_with_finite_theta_equals_the_numpy_reference_on_prefill_and_decode(compiled, topt_library, tmp_path, site_id):
-    path, names, node = _with_site_outputs(compiled("fp32", THETA), tmp_path, site_id)
+    path, names, node, cos, sin = _with_site_outputs(compiled("fp32", THETA), tmp_path, site_id)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {n: (v.decode() if isinstance(v, bytes) else v) for n, v in attrs.items()}
     layer = int(site_id[len("layer"):])
     decoder = Decoder(path, topt_library)
     thresholds, lengths = np.full((HQ, 1), THETA, np.float32), np.array([0])
@@ -102,14 +125,14 @@ def test_site_with_finite_theta_equals_the_numpy_reference_on_prefill_and_decode
     for ids in [rng.integers(0, 300, (2, 9))] + [rng.integers(0, 300, (2, 1)) for _ in range(3)]:
         past_key, past_value = (decoder.past[f"past_key_values.{layer}.{kind}"] for kind in ("key", "value"))
         out = decoder.step(ids, names)
-        q, k, v, past_seqlens, y = (out[n] for n in names)
-        assert list(past_seqlens) == [decoder.position - ids.shape[1]] * 2
-        want = top_theta_attention(q, k, v, None, past_key, past_value, thresholds, lengths, past_seqlens,
-                                   is_causal=1, kv_layout="shared_buffer")
+        query, seqlens_k, y = (out[n] for n in names)
+        assert list(seqlens_k) == [decoder.position - 1] * 2
+        common = dict(query=query, past_key=past_key, past_value=past_value, seqlens_k=seqlens_k, cos_cache=cos,
+                      sin_cache=sin, threshold_lengths=lengths, **attrs)
+        want = top_theta_group_query_attention(thresholds=thresholds, **common)
         np.testing.assert_allclose(y, want[0], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(out[f"present.{layer}.key"], want[1], rtol=1e-6, atol=1e-6)
-        dense = top_theta_attention(q, k, v, None, past_key, past_value, np.full((HQ, 1), -np.inf, np.float32), lengths,
-                                    past_seqlens, is_causal=1, kv_layout="shared_buffer")[0]
+        np.testing.assert_allclose(out[f"present.{layer}.key"], want[1], rtol=1e-5, atol=1e-5)
+        dense = top_theta_group_query_attention(thresholds=np.full((HQ, 1), -np.inf, np.float32), **common)[0]
         dropped = max(dropped, float(np.abs(want[0] - dense).max()))
     assert dropped > 1e-3, "THETA drops nothing here: the test would prove nothing"
 

@@ -253,6 +253,61 @@ def _check(ok, message):
         raise ValueError(message)
 
 
+def gqa_front(query, key, value, seqlens_k, cos_cache=None, sin_cache=None, position_ids=None, *,
+              num_heads, kv_num_heads, do_rotary=0, rotary_interleaved=0):
+    """TopThetaGroupQueryAttention's front (op.md): GQA's inputs → TopThetaAttention's Q [B,Hq,S,D],
+    K/V [B,Hkv,S,D] (Q and K rotated, rounded to the input type) and past_seqlens int32 [B]."""
+    query = np.asarray(query)
+    B, S, W = _shape(query, "query", 3)
+    Hq, Hkv = int(num_heads), int(kv_num_heads)
+    if key is None:  # packed [B, S, (Hq + 2·Hkv)·D]
+        D = W // (Hq + 2 * Hkv)
+        x = query.reshape(B, S, Hq + 2 * Hkv, D)
+        q, k, v = x[:, :, :Hq], x[:, :, Hq:Hq + Hkv], x[:, :, Hq + Hkv:]
+    else:
+        D = W // Hq
+        q, k, v = query.reshape(B, S, Hq, D), np.asarray(key).reshape(B, S, Hkv, D), np.asarray(value).reshape(B, S, Hkv, D)
+    past = np.maximum(np.asarray(seqlens_k, np.int64) + 1 - S, 0)
+    if do_rotary:
+        pos = np.asarray(position_ids, np.int64) if position_ids is not None else past[:, None] + np.arange(S)[None, :]
+        cos = np.asarray(cos_cache, np.float64)[pos][:, :, None, :]  # [B, S, 1, half]
+        sin = np.asarray(sin_cache, np.float64)[pos][:, :, None, :]
+        q, k = (_rotate(x, cos, sin, bool(rotary_interleaved)) for x in (q, k))
+    to_bhsd = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3))  # noqa: E731
+    return to_bhsd(q), to_bhsd(k), to_bhsd(v), past.astype(np.int32)
+
+
+def _rotate(x, cos, sin, interleaved):
+    """RoPE on the first 2·half dims of x [B, S, H, D] (com.microsoft RotaryEmbedding's two layouts)."""
+    half = cos.shape[-1]
+    y = x.astype(np.float64)
+    if interleaved:
+        x0, x1 = y[..., 0:2 * half:2].copy(), y[..., 1:2 * half:2].copy()
+        y[..., 0:2 * half:2], y[..., 1:2 * half:2] = x0 * cos - x1 * sin, x1 * cos + x0 * sin
+    else:
+        x0, x1 = y[..., :half].copy(), y[..., half:2 * half].copy()
+        y[..., :half], y[..., half:2 * half] = x0 * cos - x1 * sin, x1 * cos + x0 * sin
+    return y.astype(x.dtype)
+
+
+def top_theta_group_query_attention(query, key=None, value=None, past_key=None, past_value=None, seqlens_k=None, total_sequence_length=None,
+                                    cos_cache=None, sin_cache=None, position_ids=None, thresholds=None,
+                                    threshold_lengths=None, past_v_sum=None, sdc_log_mass=None, *, num_heads,
+                                    kv_num_heads, do_rotary=0, rotary_interleaved=0, scale=None, k=0,
+                                    placement="post_softmax", compensation="vmc", calibrated_max_length=0):
+    """Returns (output [B,S,Hq·D], present_key, present_value, present_v_sum, stats): gqa_front, then
+    top_theta_attention with kv_layout=shared_buffer and is_causal=1, Y back to [B, S, Hq·D]."""
+    q, k_new, v_new, past = gqa_front(query, key, value, seqlens_k, cos_cache, sin_cache, position_ids,
+                                      num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=do_rotary,
+                                      rotary_interleaved=rotary_interleaved)
+    y, *rest = top_theta_attention(q, k_new, v_new, None, past_key, past_value, thresholds, threshold_lengths, past,
+                                   past_v_sum, sdc_log_mass, scale=scale or None, is_causal=1, k=k, placement=placement,
+                                   compensation=compensation, kv_layout="shared_buffer",
+                                   calibrated_max_length=calibrated_max_length)
+    B, Hq, S, D = y.shape
+    return (np.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(B, S, Hq * D), *rest)
+
+
 class TopThetaAttention(OpRun):
     """`onnx.reference` kernel: ReferenceEvaluator(model, new_ops=[TopThetaAttention]).
 
@@ -280,3 +335,18 @@ def _text(value, default):
 
 
 TopThetaAttentionOp = TopThetaAttention  # the name used in prose and by other modules
+
+
+class TopThetaGroupQueryAttention(OpRun):
+    """`onnx.reference` kernel of TopThetaGroupQueryAttention (see TopThetaAttention above)."""
+
+    op_domain = DOMAIN
+
+    def _run(self, *inputs, num_heads=None, kv_num_heads=None, do_rotary=0, rotary_interleaved=0, scale=None, k=0,
+             placement="post_softmax", compensation="vmc", calibrated_max_length=0):
+        outputs = top_theta_group_query_attention(
+            *inputs, num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=do_rotary or 0,
+            rotary_interleaved=rotary_interleaved or 0, scale=scale, k=k or 0,
+            placement=_text(placement, "post_softmax"), compensation=_text(compensation, "vmc"),
+            calibrated_max_length=calibrated_max_length or 0)
+        return outputs[: len(self.onnx_node.output)]

@@ -27,6 +27,16 @@ CALIBRATE_ATTRIBUTES = ("scale", "is_causal", "k", "placement", "compensation")
 THETA_SUMS_COLUMNS = ("rows", "theta_sum", "theta_square_sum")
 SDC_SUMS_COLUMNS = ("rows", "log_mass_sum")
 
+# TopThetaGroupQueryAttention (op.md, last section): com.microsoft GroupQueryAttention's inputs,
+# attributes and first three outputs, plus the θ tables: a one-node drop-in for a GQA node.
+GQA_OP_TYPE = "TopThetaGroupQueryAttention"
+GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+              "cos_cache", "sin_cache", "position_ids", "thresholds", "threshold_lengths", "past_v_sum", "sdc_log_mass")
+GQA_REQUIRED_INPUTS = ("query", "past_key", "past_value", "seqlens_k", "thresholds", "threshold_lengths")
+GQA_OUTPUTS = ("output", "present_key", "present_value", "present_v_sum", "stats")
+GQA_ATTRIBUTES = ("num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved", "scale", "k", "placement",
+                  "compensation", "calibrated_max_length")
+
 PLACEMENTS = ("post_softmax", "pre_softmax")
 SDC_TOKENS = ("sdc_exact", "sdc_exp_threshold", "sdc_calibrated")
 COMPENSATION_TOKENS = ("vmc",) + SDC_TOKENS
@@ -99,6 +109,24 @@ def make_node(inputs: dict[str, str], outputs: dict[str, str], attributes: Attri
     """A TopThetaAttention NodeProto; `inputs`/`outputs` map op.md names to value names."""
     return _make(OP_TYPE, INPUTS, REQUIRED_INPUTS, OUTPUTS, inputs, outputs,
                  attributes.validate().onnx_attributes(), name)
+
+
+def gqa_attributes(attributes: Attributes, num_heads: int, kv_num_heads: int, do_rotary: int = 0,
+                   rotary_interleaved: int = 0) -> dict:
+    """TopThetaGroupQueryAttention's attributes: GQA's, then TopThetaAttention's less is_causal
+    (always 1) and kv_layout (always shared_buffer)."""
+    attributes.validate()
+    if num_heads <= 0 or kv_num_heads <= 0 or num_heads % kv_num_heads:
+        raise ValueError(f"num_heads={num_heads} is not a positive multiple of kv_num_heads={kv_num_heads}")
+    attrs = {"num_heads": int(num_heads), "kv_num_heads": int(kv_num_heads), "do_rotary": int(do_rotary),
+             "rotary_interleaved": int(rotary_interleaved)}
+    attrs.update({n: v for n, v in attributes.onnx_attributes().items() if n in GQA_ATTRIBUTES})
+    return attrs
+
+
+def make_gqa_node(inputs: dict[str, str], outputs: dict[str, str], attrs: dict, name: str = "") -> onnx.NodeProto:
+    """A TopThetaGroupQueryAttention NodeProto; `attrs` from gqa_attributes."""
+    return _make(GQA_OP_TYPE, GQA_INPUTS, GQA_REQUIRED_INPUTS, GQA_OUTPUTS, inputs, outputs, attrs, name)
 
 
 def make_calibrate_node(inputs: dict[str, str], outputs: dict[str, str], attributes: Attributes,

@@ -1,11 +1,14 @@
-"""Pass: each matched GroupQueryAttention site → one TopThetaAttention node, kv_layout=shared_buffer.
+"""Passes on GroupQueryAttention sites.
 
-GQA's 3D (or packed QKV) inputs become the op's BHSD Q/K/V (Reshape, Split, Transpose); with
-do_rotary=1, com.microsoft::RotaryEmbedding rotates Q and K first at positions past_b + i, as GQA
-does inside. `past_seqlens` = max(seqlens_k + 1 − S, 0): seqlens_k is total length − 1 per row,
-and GQA's first prompt (total = S) has no past. past_key/past_value and present_key/present_value
+InsertTopThetaGQA: each GQA node → one TopThetaGroupQueryAttention node, which takes GQA's own
+inputs (packed or separate QKV, in-place KV buffers, seqlens_k, cos/sin caches) and does GQA's
+unpacking and RoPE inside (op.md, last section). past_key/past_value and present_key/present_value
 carry over unchanged, so a runtime that binds present to the past buffer (onnxruntime-genai's
-past_present_share_buffer) keeps decoding in place. Y goes back to [B, S, Hq·Dh].
+past_present_share_buffer) keeps decoding in place.
+
+InsertTopThetaCalibrateGQA: calibration builds TopThetaAttention's inputs from GQA's with
+standard nodes (attention_inputs: Reshape, Split, Transpose, RotaryEmbedding at positions
+past_b + i, past_seqlens = max(seqlens_k + 1 − S, 0)); speed does not matter there.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ def is_gqa(site: Site) -> bool:
 
 
 class InsertTopThetaGQA(ir.passes.InPlacePass):
-    """Thresholds become initializers as in InsertTopThetaAttention; `stats` exposes each node's
-    stats as graph output `topt.<site>.stats`."""
+    """Each matched GroupQueryAttention node → one TopThetaGroupQueryAttention node (op.md, last
+    section) on the same inputs plus the θ tables: one node runs where one ran. Thresholds become
+    initializers as in InsertTopThetaAttention; `stats` exposes each node's stats as graph output
+    `topt.<site>.stats`."""
 
     def __init__(self, sites: list[Site], table: ThresholdTable, stats: bool = False):
         super().__init__()
@@ -40,43 +45,35 @@ class InsertTopThetaGQA(ir.passes.InPlacePass):
         position = {id(node): i for i, node in enumerate(graph)}
         for site in self.sites:
             anchor = site.output.producer()
-            prefix = f"topt.{site.id}"
-            q, k, v, past_seqlens = attention_inputs(graph, site, anchor)
-            node = self._node(graph, site, self.table.sites[site.id], anchor, q, k, v, past_seqlens)
-            y = _add(graph, anchor, "Reshape", [_add(graph, anchor, "Transpose", [node.outputs[0]], f"{prefix}/Y_BSHD",
-                                                     perm=_BHSD),
-                                                _const(graph, "topt.gqa.shape_BSD", [0, 0, -1])], f"{prefix}/Y_BSD")
-            y.dtype, y.shape = site.output.dtype, site.output.shape
-            _take_over(graph, site.output, y, position, position[id(anchor)], everywhere=True)
-            _take_over(graph, site.present_key, node.outputs[1], position, position[id(anchor)], everywhere=True)
-            _take_over(graph, site.present_value, node.outputs[2], position, position[id(anchor)], everywhere=True)
+            node = self._node(graph, site, self.table.sites[site.id], anchor)
+            for new, old in zip(node.outputs[:3], (site.output, site.present_key, site.present_value)):
+                _take_over(graph, old, new, position, position[id(anchor)], everywhere=True)
         for opsets in (model.opset_imports, graph.opset_imports):
             opsets[schema.DOMAIN] = schema.OPSET_VERSION
         return ir.passes.PassResult(model, modified=bool(self.sites))
 
-    def _node(self, graph, site, t, anchor, q, k, v, past_seqlens) -> ir.Node:
+    def _node(self, graph, site, t, anchor) -> ir.Node:
         prefix = f"topt.{site.id}"
-        inputs = {"Q": q, "K": k, "V": v, "past_key": site.past_key, "past_value": site.past_value,
-                  "past_seqlens": past_seqlens,
-                  "thresholds": _initializer(graph, f"{prefix}.thresholds", np.asarray(t.thresholds, np.float32)),
-                  "threshold_lengths": _initializer(graph, f"{prefix}.threshold_lengths",
-                                                    np.asarray(t.threshold_lengths, np.int64))}
+        inputs = dict(zip(INPUTS, list(anchor.inputs)))
+        inputs["thresholds"] = _initializer(graph, f"{prefix}.thresholds", np.asarray(t.thresholds, np.float32))
+        inputs["threshold_lengths"] = _initializer(graph, f"{prefix}.threshold_lengths",
+                                                   np.asarray(t.threshold_lengths, np.int64))
         if t.sdc_log_mass is not None:
             inputs["sdc_log_mass"] = _initializer(graph, f"{prefix}.sdc_log_mass", np.asarray(t.sdc_log_mass, np.float32))
-        attrs = schema.Attributes(scale=site.scale, is_causal=1, k=t.k, placement=t.placement,
-                                  compensation=t.compensation, kv_layout="shared_buffer",
-                                  calibrated_max_length=t.calibrated_max_length).validate()
-        values = [inputs.get(name) for name in schema.INPUTS]
+        attrs = schema.gqa_attributes(
+            schema.Attributes(scale=site.scale, is_causal=1, k=t.k, placement=t.placement, compensation=t.compensation,
+                              kv_layout="shared_buffer", calibrated_max_length=t.calibrated_max_length),
+            site.Hq, site.Hkv, int(site.variant["do_rotary"]), int(site.variant["rotary_interleaved"]))
+        values = [inputs.get(name) for name in schema.GQA_INPUTS]
         while values[-1] is None:
             values.pop()
-        node = ir.Node(schema.DOMAIN, schema.OP_TYPE, values, ir.convenience.convert_attributes(attrs.onnx_attributes()),
-                       num_outputs=len(schema.OUTPUTS) if self.stats else 3, name=f"{prefix}/{schema.OP_TYPE}",
+        node = ir.Node(schema.DOMAIN, schema.GQA_OP_TYPE, values, ir.convenience.convert_attributes(attrs),
+                       num_outputs=len(schema.GQA_OUTPUTS) if self.stats else 3, name=f"{prefix}/{schema.GQA_OP_TYPE}",
                        version=schema.OPSET_VERSION)
-        node.outputs[0].name, node.outputs[0].dtype = f"{prefix}.Y", site.output.dtype
-        for new, old, name in zip(node.outputs[1:3], (site.present_key, site.present_value), schema.OUTPUTS[1:3]):
+        for new, old, name in zip(node.outputs[:3], (site.output, site.present_key, site.present_value), schema.GQA_OUTPUTS):
             new.name, new.dtype, new.shape = f"{prefix}.{name}", old.dtype, old.shape
         if self.stats:
-            stats = node.outputs[schema.OUTPUTS.index("stats")]
+            stats = node.outputs[schema.GQA_OUTPUTS.index("stats")]
             stats.name, stats.dtype = f"{prefix}.stats", ir.DataType.INT64
             stats.shape = ir.Shape([None, site.Hq, schema.NUM_STATS])
             graph.outputs.append(stats)
@@ -84,19 +81,29 @@ class InsertTopThetaGQA(ir.passes.InPlacePass):
         return node
 
 
-def attention_inputs(graph: ir.Graph, site: Site, anchor: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+def attention_inputs(graph: ir.Graph, site: Site, anchor: ir.Node, shared: dict) -> tuple[ir.Value, ...]:
     """Inserts, before the GQA node `anchor`, the nodes giving the op's Q [B,Hq,S,Dh], K/V
-    [B,Hkv,S,Dh] (rotated like GQA's) and past_seqlens int32 [B]; returns those four values."""
+    [B,Hkv,S,Dh] (rotated like GQA's) and past_seqlens int32 [B]; returns those four values.
+    `shared` (one dict per graph, sites in graph order) keeps the per-graph values."""
     prefix = f"topt.{site.id}"
     gqa = dict(zip(INPUTS, list(anchor.inputs) + [None] * len(INPUTS)))
 
     def add(op, inputs, name, **attrs):
         return _add(graph, anchor, op, inputs, f"{prefix}/{name}", **attrs)
 
-    seq = add("Shape", [site.query], "S", start=1, end=2)                                          # int64 [1]
-    past = add("Sub", [add("Add", [gqa["seqlens_k"], _const(graph, "topt.gqa.one_i32", np.int32(1))], "total"),
-                       add("Cast", [seq], "S_i32", to=ir.DataType.INT32)], "past_or_negative")
-    past_seqlens = add("Max", [past, _const(graph, "topt.gqa.zero_i32", np.int32(0))], "past_seqlens")  # int32 [B]
+    # S, past_seqlens and the rotary positions are the same for every layer (one seqlens_k input):
+    # computed once, before the first site, and shared (fewer nodes run per decode step).
+    def once(op, inputs, name, **attrs):
+        return _add(graph, anchor, op, inputs, f"topt.gqa/{name}", **attrs)
+
+    per_graph = shared.setdefault(id(gqa["seqlens_k"]), {})
+    if not per_graph:
+        seq = once("Shape", [site.query], "S", start=1, end=2)                                           # int64 [1]
+        past = once("Sub", [once("Add", [gqa["seqlens_k"], _const(graph, "topt.gqa.one_i32", np.int32(1))], "total"),
+                            once("Cast", [seq], "S_i32", to=ir.DataType.INT32)], "past_or_negative")
+        per_graph["S"] = seq
+        per_graph["past_seqlens"] = once("Max", [past, _const(graph, "topt.gqa.zero_i32", np.int32(0))], "past_seqlens")
+    past_seqlens = per_graph["past_seqlens"]                                                          # int32 [B]
 
     if site.variant["packed_qkv"]:  # [B,S,(Hq+2Hkv)·Dh] → [B,S,Hq+2Hkv,Dh] → three [B,S,H,Dh]
         heads = _const(graph, f"topt.gqa.packed_{site.Hq}_{site.Hkv}", [0, 0, site.Hq + 2 * site.Hkv, -1])
@@ -112,13 +119,15 @@ def attention_inputs(graph: ir.Graph, site: Site, anchor: ir.Node) -> tuple[ir.V
 
     if site.variant["do_rotary"]:
         positions = gqa["position_ids"]
-        if positions is None:  # past_b + i, [B, S] int64
-            steps = add("Range", [_const(graph, "topt.gqa.zero_i64", np.int64(0)), add("Squeeze", [seq], "S_scalar"),
-                                  _const(graph, "topt.gqa.one_i64", np.int64(1))], "steps")
-            start = add("Unsqueeze", [add("Cast", [past_seqlens], "past_i64", to=ir.DataType.INT64),
-                                      _const(graph, "topt.gqa.axis1", [1])], "past_column")
-            positions = add("Add", [start, add("Unsqueeze", [steps, _const(graph, "topt.gqa.axis0", [0])], "steps_row")],
-                            "position_ids")
+        if positions is None and "positions" not in per_graph:  # past_b + i, [B, S] int64
+            steps = once("Range", [_const(graph, "topt.gqa.zero_i64", np.int64(0)), once("Squeeze", [per_graph["S"]], "S_scalar"),
+                                   _const(graph, "topt.gqa.one_i64", np.int64(1))], "steps")
+            start = once("Unsqueeze", [once("Cast", [past_seqlens], "past_i64", to=ir.DataType.INT64),
+                                       _const(graph, "topt.gqa.axis1", [1])], "past_column")
+            per_graph["positions"] = once("Add", [start, once("Unsqueeze", [steps, _const(graph, "topt.gqa.axis0", [0])],
+                                                             "steps_row")], "position_ids")
+        if positions is None:
+            positions = per_graph["positions"]
         rotary = {"interleaved": int(site.variant["rotary_interleaved"])}
         if site.Dh is None or site.variant["rotary_dim"] < site.Dh:  # partial rotary: the first rotary_dim of each head
             rotary.update(rotary_embedding_dim=site.variant["rotary_dim"])
@@ -155,12 +164,13 @@ class InsertTopThetaCalibrateGQA(ir.passes.InPlacePass):
         from .insert_calibrate import output_name
         graph = model.graph
         position = {id(node): i for i, node in enumerate(graph)}
+        shared = {}
         lengths = _const(graph, "topt.calibrate.threshold_lengths", list(self.spec.threshold_lengths))
         exposed = [name for name in schema.CALIBRATE_OUTPUTS[3:] if (self.spec.stats if name == "stats" else self.spec.sums)]
-        for site in self.sites:
+        for site in sorted(self.sites, key=lambda s: position[id(s.output.producer())]):
             anchor = site.output.producer()
             prefix = f"topt.{site.id}"
-            q, k, v, _ = attention_inputs(graph, site, anchor)
+            q, k, v, _ = attention_inputs(graph, site, anchor, shared)
             attrs = schema.Attributes(scale=site.scale, is_causal=1, k=self.spec.k[site.id], placement=self.spec.placement,
                                       compensation=self.spec.compensation).validate()
             attrs = {n: a for n, a in attrs.onnx_attributes().items() if n in schema.CALIBRATE_ATTRIBUTES}
