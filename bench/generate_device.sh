@@ -4,9 +4,10 @@
 #   g1:  carry .devx/g1 (GGUF part 1, ARC requests)          → bash bench/generate_device.sh stage1
 #   g2:  carry .devx/g2 (genai/gguf/onnx-ir wheels in whl/)   → bash bench/generate_device.sh stage2
 #        (each call carries at most 64 MiB with the working tree)
-#   c0…c3, c4: onnxruntime-gpu as ../shared/device/README.md says (c4 also carries .devlib, the
-#        CUDA-enabled libtopt_ops.so, and .devx/t with t.json), then → bash bench/generate_device.sh run [generate.py args]
-# models: GGUF → HF folder → builder → compile only; profile: then bench/profile_step.py [args].
+#   c0…c4: onnxruntime-gpu as ../shared/device/README.md says; then a call carrying .devlib (the
+#        CUDA-enabled libtopt_ops.so) and .devx/t (t.json) → bash bench/generate_device.sh run [generate.py args]
+# models: GGUF → HF folder → builder → compile (sparse16, and sparse16dp with --dense-prompt) only;
+# profile: then bench/profile_step.py [args]; run with SPARSE=sparse16dp: the dense-prompt model.
 # run: GGUF → HF folder → onnxruntime-genai builder (fp16, cuda) → topt-compile with the t.json
 # (--same-weights: calibrated on the float32 export) → bench/generate.py, reports under $OUT.
 set -euo pipefail
@@ -32,7 +33,10 @@ run|models|profile)
   [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda')"
   echo "hf + builder: $(( $(date +%s) - t0 )) s"
   [ -d "$W/sparse16" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
+  [ -d "$W/sparse16dp" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights --dense-prompt \
+    -o "$W/sparse16dp" | tail -1
   [ "$mode" = models ] && exit 0
   [ "$mode" = profile ] && exec python3 bench/profile_step.py --dense "$W/dense16" --sparse "$W/sparse16" "$@"
-  python3 bench/generate.py --dense "$W/dense16" --sparse "$W/sparse16" --provider cuda --output "$OUT/generate" "$@" ;;
+  python3 bench/generate.py --dense "$W/dense16" --sparse "$W/${SPARSE:-sparse16}" --provider cuda \
+    --output "$OUT/generate${SPARSE:+_$SPARSE}" "$@" ;;
 esac

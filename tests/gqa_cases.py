@@ -33,6 +33,7 @@ class GqaCase:
     placement: str = "post_softmax"
     compensation: str = "vmc"
     k: int = 2
+    dense_prompt: int = 0
     seed: int = 0
 
     def __str__(self):
@@ -48,7 +49,8 @@ class GqaCase:
 
     @property
     def attributes(self) -> dict:
-        return schema.gqa_attributes(schema.Attributes(k=self.k, placement=self.placement, compensation=self.compensation),
+        return schema.gqa_attributes(schema.Attributes(k=self.k, placement=self.placement, compensation=self.compensation,
+                                                       dense_prompt=self.dense_prompt),
                                      self.Hq, self.Hkv, int(self.rotary), int(self.interleaved))
 
 
@@ -93,7 +95,7 @@ def reference(case: GqaCase, inputs: dict):
         _, margin = ref.top_theta_attention(q, k, v, None, inputs["past_key"], inputs["past_value"], inputs["thresholds"],
                                             LENGTHS, past, is_causal=1, k=case.k, placement=case.placement,
                                             compensation=case.compensation, kv_layout="shared_buffer",
-                                            return_decision_margin=True)
+                                            dense_prompt=case.dense_prompt, return_decision_margin=True)
         if margin > 4e-6:
             break
         t = inputs["thresholds"]

@@ -48,6 +48,7 @@ class Case:
     k: int = 0
     theta_mode: str = "mixed"
     with_past_v_sum: bool = False
+    dense_prompt: int = 0
     seed: int = 0
 
     def __str__(self):
@@ -57,9 +58,10 @@ class Case:
 
     @property
     def attributes(self) -> dict:
-        return dict(is_causal=self.is_causal, k=self.k, placement=self.placement,
-                    compensation=self.compensation, kv_layout=self.kv_layout,
-                    calibrated_max_length=12)
+        attrs = dict(is_causal=self.is_causal, k=self.k, placement=self.placement,
+                     compensation=self.compensation, kv_layout=self.kv_layout,
+                     calibrated_max_length=12)
+        return attrs | ({"dense_prompt": 1} if self.dense_prompt else {})
 
 
 def sampled_cases(count: int, seed: int = 0, dtypes=("float32", "float16")) -> list[Case]:

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compensation", default="vmc", help="with --theta: none or +-joined vmc, sdc_exact, sdc_exp_threshold")
     p.add_argument("--same-weights", action="store_true", help="the t.json was calibrated on another export of the same "
                    "weights (float32 vs float16, torch export vs genai folder): skip the fingerprint and dtype checks")
+    p.add_argument("--dense-prompt", action="store_true", help="keep prompt processing exact (every call with more than "
+                   "one query row keeps every key): only decode steps drop keys")
     p.add_argument("--allow-no-sites", action="store_true", help="write the model even if no site matched")
     p.add_argument("--report", choices=("text", "json"), default="text", help="report format on stdout")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker on the result")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ToptError("--thresholds: expected a t.json file, or --theta for uniform thresholds")
             options = CompileOptions(thresholds=args.thresholds, theta=args.theta, k=args.k, placement=args.placement,
                                      compensation=args.compensation, allow_no_sites=args.allow_no_sites,
-                                     same_weights=args.same_weights,
+                                     same_weights=args.same_weights, dense_prompt=args.dense_prompt,
                                      check=not args.no_check)
             if folder and (folder == Path(args.model) or not args.output.endswith(".onnx")):
                 report = genai.compile_folder(folder, args.output, options)  # a folder in, a folder out

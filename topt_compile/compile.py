@@ -35,6 +35,7 @@ class CompileOptions:
     allow_no_sites: bool = False
     check: bool = True                # onnx.checker (full_check) on the result
     stats: bool = False               # expose each site's stats [B, Hq, 6] as output topt.<site>.stats
+    dense_prompt: bool = False        # prompts (calls with S > 1) keep every key; only decode steps drop
     same_weights: bool = False        # a t.json of another export of the same weights (fp16, genai folder):
                                       # sites must fit by id and heads; fingerprint and dtype are not checked
 
@@ -125,7 +126,7 @@ def compile_model(model_path: str | os.PathLike, output_path: str | os.PathLike,
         raise NoSitesError(f"{model_path}: no attention site matched{dense} (use --allow-no-sites to write it unchanged)")
     table = resolve_thresholds(options, fp, sites)
     table.check_fits(fp, sites, same_weights=options.same_weights)
-    rewrite(model, sites, table, stats=options.stats)
+    rewrite(model, sites, table, stats=options.stats, dense_prompt=options.dense_prompt)
     t["rewrite"] = time.perf_counter()
     _save(model, output_path, options.check)
     t["save"] = time.perf_counter()

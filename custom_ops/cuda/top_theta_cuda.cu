@@ -1,5 +1,5 @@
-// LaunchTopThetaCuda: picks the decode split-KV path (tt_decode.cu) or the generic kernel
-// (tt_generic.cu), and writes present_key/value and present_v_sum (tt_kv.cu).
+// LaunchTopThetaCuda: picks the decode split-KV path (tt_decode.cu), the tiled prefill kernel
+// (tt_prefill.cu) or the generic kernel (tt_generic.cu), and writes present_key/value and present_v_sum (tt_kv.cu).
 #include "top_theta_cuda.h"
 
 #include "tt_internal.h"
@@ -54,6 +54,10 @@ cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
   // Not a decode step: the rows this call writes may change sums the state holds.
   if (p.vsum_state_len && (err = cudaMemsetAsync(p.vsum_state_len, 0xff, size_t(2 * p.B) * sizeof(int32_t), stream)) != cudaSuccess)
     return err;
+  if (!g_disable_decode && cuda_detail::PrefillSupported(p)) {  // prompts and chunks: the tiled tensor-core kernel
+    if ((err = cuda_detail::LaunchPrefill(p, stream)) != cudaSuccess) return err;
+    return cuda_detail::LaunchPresentVSum(p, stream);
+  }
   if (p.stats && (err = cudaMemsetAsync(p.stats, 0, size_t(p.B * p.Hq * kNumStats) * sizeof(int64_t), stream)) != cudaSuccess)
     return err;
   if ((err = cuda_detail::LaunchGeneric(p, stream)) != cudaSuccess) return err;

@@ -30,7 +30,7 @@ cudaError_t LaunchGqaPrep(const GqaPrepParams& p, cudaStream_t stream);
 cudaError_t LaunchGqaOutput(const GqaOutputParams& p, cudaStream_t stream);
 
 // Benchmark/test hooks: force the KV-split count of the decode path (0: automatic) and
-// disable the decode fast path (every call then takes the generic kernel).
+// disable the decode and prefill fast paths (every call then takes the generic kernel).
 void SetTopThetaCudaTuning(int decode_splits, bool disable_decode_path);
 
 }  // namespace topt

@@ -59,7 +59,7 @@ __host__ __device__ inline bool VSumPerGroup(const TopThetaParams& p) {
 __host__ __device__ inline int64_t VSumHeads(const TopThetaParams& p) { return VSumPerGroup(p) ? p.Hkv : p.Hq; }
 
 struct Ws {
-  float *acc, *part, *p1, *scores, *vsum;
+  float *acc, *part, *p1, *scores, *vsum, *vsplit;
   unsigned* count;
   int64_t tbuf;
 };
@@ -79,6 +79,7 @@ __host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const Top
   w.p1 = w.part + units * kPartF;
   w.scores = w.p1 + units * kPartF;
   w.vsum = w.scores + (p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0);
+  w.vsplit = w.vsum + (VSumNeeded(p) ? p.B * VSumHeads(p) * kVSumChunks * p.Dv : 0);
   w.tbuf = Tbuf(p);
   return w;
 }
@@ -87,7 +88,8 @@ __host__ __device__ inline int64_t WsFloats(const TopThetaParams& p, int splits)
   const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
   const int64_t scores = p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0;
   const int64_t vsum = VSumNeeded(p) ? p.B * VSumHeads(p) * kVSumChunks * p.Dv : 0;
-  return units * (p.Dv + 2 * kPartF) + scores + vsum;
+  const int64_t vsplit = UsesVSumState(p) ? p.B * p.Hkv * splits * kWarps * p.Dv : 0;  // stale-state fallback
+  return units * (p.Dv + 2 * kPartF) + scores + vsum + vsplit;
 }
 
 // Split s of `splits` over keys [0, n_keys), in whole tiles.
@@ -754,6 +756,32 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
         if (wpart[w][0][r] != -INFINITY) t += __expf(wpart[w][0][r] - M) * accs[w][r][d];
       ws.acc[(unit + r) * D + d] = t;
     }
+    if (UsesVSumState(p)) {  // a stale running V sum (first step after a prompt): this split's share of V's past rows
+      const int64_t past = geo.past_rows;
+      if (past > 0 && p.vsum_state_len[(past & 1) * p.B + b] != past) {
+        constexpr int CH = D / E, RG = 32 / CH < 1 ? 1 : 32 / CH;  // 16-byte chunks per row; row groups per warp
+        const int c = lane % CH, rg = warp * RG + lane / CH;
+        float sum[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) sum[e] = 0.f;
+        const T* base = static_cast<const T*>(p.past_value) + (b * p.Hkv + g) * geo.past_len * D + c * E;
+        for (int64_t j = lo + rg; j < min(hi, past); j += kWarps * RG) {
+          float x[E];
+          Unpack16<T>(*reinterpret_cast<const uint4*>(base + j * D), x);
+#pragma unroll
+          for (int e = 0; e < E; ++e) sum[e] += x[e];
+        }
+#pragma unroll
+        for (int o = CH; o < 32; o <<= 1)
+#pragma unroll
+          for (int e = 0; e < E; ++e) sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], o);
+        if (lane < CH) {
+          float* out = ws.vsplit + (((b * p.Hkv + g) * splits + s) * kWarps + warp) * D + c * E;
+#pragma unroll
+          for (int e = 0; e < E; ++e) out[e] = sum[e];
+        }
+      }
+    }
     if constexpr (TOPT_DECODE_FUSED_MERGE) MergeTail<T, D, GM>(p, ws, splits, b, g, G, reinterpret_cast<float*>(kring_raw), head_n);
   }
 }
@@ -862,13 +890,12 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     if (past == 0 || p.vsum_state_len[slot * p.B + b] == past) {
       for (int64_t d = tid; d < Dv; d += kMergeThreads)
         vbase[d] = past == 0 ? 0.f : p.vsum_state[((slot * p.B + b) * p.Hkv + g) * Dv + d];
-    } else {  // kMergeThreads / Dv row groups; each thread sums a column over every group-th row
-      const int64_t groups = kMergeThreads / Dv, d = tid % Dv, rg = tid / Dv;
+    } else {  // stale: the split kernel's per-(split, warp) sums of V's past rows
+      const int64_t groups = kMergeThreads / Dv, d = tid % Dv, rg = tid / Dv, parts = int64_t(splits) * kWarps;
       float sum = 0.f;
       if (rg < groups) {
-        const T* col = static_cast<const T*>(p.past_value) + (b * p.Hkv + g) * p.P * Dv + d;
-#pragma unroll 8
-        for (int64_t j = rg; j < past; j += groups) sum += ToF<T>(col[j * Dv]);
+        const float* part_sums = ws.vsplit + (b * p.Hkv + g) * parts * Dv + d;
+        for (int64_t x = rg; x < parts; x += groups) sum += part_sums[x * Dv];
       }
       __syncthreads();
       vbase[tid] = sum;

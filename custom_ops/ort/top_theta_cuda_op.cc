@@ -73,6 +73,11 @@ CudaNodeState::VSumState& CudaNodeState::StateFor(const TopThetaParams& p, cudaS
 
 void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (WantsVSumState(p)) {  // first: the workspace size depends on it
+    VSumState& st = StateFor(p, stream, attributes);
+    p.vsum_state = st.sum;
+    p.vsum_state_len = st.len;
+  }
   if (const int64_t bytes = TopThetaCudaWorkspaceBytes(p); bytes > 0) {
     const int64_t tail = TopThetaCudaWorkspaceZeroTailBytes(p), data = bytes - tail;
     Scratch& sc = scratch_[stream];
@@ -92,11 +97,6 @@ void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attribu
     p.workspace = sc.p;
     p.workspace_bytes = sc.cap;  // counters at the end of cap, data at the front (cap >= data + tail)
     sc.zero_tail = std::min(sc.zero_tail, sc.cap - (data + 15) / 16 * 16);
-  }
-  if (WantsVSumState(p)) {
-    VSumState& st = StateFor(p, stream, attributes);
-    p.vsum_state = st.sum;
-    p.vsum_state_len = st.len;
   }
   Check(LaunchTopThetaCuda(p, stream), attributes, "CUDA launch failed");
 }

@@ -143,6 +143,9 @@ Attributes ParseAttributes(const OrtKernelInfo* raw_info, const char* op_name) {
   else fail("kv_layout", "expected concat or shared_buffer, got '", layout, "'");
 
   a.calibrated_max_length = Attribute<int64_t>(info, a, "calibrated_max_length", 0);
+  const int64_t dense_prompt = Attribute<int64_t>(info, a, "dense_prompt", 0);
+  if (dense_prompt != 0 && dense_prompt != 1) fail("dense_prompt", "expected 0 or 1, got ", dense_prompt);
+  a.dense_prompt = dense_prompt == 1;
   return a;
 }
 
@@ -288,7 +291,7 @@ void ReadThresholdLengths(const InputChecker& c, size_t index, bool values_on_ho
 void ApplyAttributes(const Attributes& a, TopThetaParams& p) {
   p.scale = a.has_scale ? a.scale : 1.f / std::sqrt(float(p.Dh));
   p.is_causal = a.is_causal;
-  p.k = a.k;
+  p.k = a.dense_prompt && p.S > 1 ? INT64_MAX : a.k;  // after the inputs: S is known
   p.placement = a.placement;
   p.sdc = a.sdc;
   p.vmc = a.vmc;

@@ -46,6 +46,7 @@ struct Attributes {
   bool vmc = true;
   KvLayout kv_layout = KvLayout::kConcat;
   int64_t calibrated_max_length = 0;
+  bool dense_prompt = false;  // a call with S > 1 keeps every key (k becomes unbounded for it)
 };
 Attributes ParseAttributes(const OrtKernelInfo* info, const char* op_name = kOpName);
 

@@ -38,9 +38,9 @@ def model(dtype: str):
 class Loop:
     """The device cache, bound in place, and its host mirror the reference reads."""
 
-    def __init__(self, session, dtype, rng):
+    def __init__(self, session, dtype, rng, m=M):
         self.session, self.dtype, self.rng = session, np.dtype(dtype), rng
-        self.cache = {n: np.zeros((B, HKV, M, D), self.dtype) for n in ("past_key", "past_value")}
+        self.cache = {n: rng.standard_normal((B, HKV, m, D)).astype(self.dtype) for n in ("past_key", "past_value")}
         self.device = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in self.cache.items()}
         self.thresholds = (rng.uniform(0.3, 3.0, (HQ, len(LENGTHS))) / np.array([20, 40, 100])).astype(np.float32)
 
@@ -92,3 +92,17 @@ def test_running_v_sum_follows_the_cache(topt_library, dtype):
         loop.call([t, t], 1, f"one-token prompt, decode at {t}")
     for name in ("past_key", "past_value"):
         np.testing.assert_array_equal(loop.device[name].numpy(), loop.cache[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_stale_sum_over_a_long_cache_is_rebuilt_from_every_split(topt_library, dtype):
+    """Decoding starts on a cache filled without a prompt call (the sum was never kept): the first
+    step sums thousands of past rows across the KV splits, the next ones reuse the kept sum."""
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(topt_library)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model(dtype).SerializeToString(), options,
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    loop = Loop(session, dtype, np.random.default_rng(23), m=4096)
+    for t in range(3000, 3004):
+        loop.call([t, t - 1777], 1, f"decode at {t} / {t - 1777}")

@@ -94,3 +94,20 @@ def test_float16_conversion_keeps_the_float32_slots_and_the_op_runs(topt_library
     expected = reference(case16, inputs)
     got = _session(model, topt_library).run(["output"], feeds(inputs))[0]
     np.testing.assert_allclose(got.astype(np.float64), expected[0].astype(np.float64), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("S", [1, 6])
+def test_dense_prompt_keeps_every_key_of_a_prompt_and_only_of_a_prompt(topt_library, S):
+    """dense_prompt = 1: a call with S > 1 equals the θ = −inf op; a decode step (S = 1) is unchanged."""
+    case = GqaCase(S=S, past=(0, 0) if S > 1 else (7, 3), k=0, seed=40)
+    inputs = gqa_inputs(case)
+    outputs = ("output", "present_key", "present_value", "present_v_sum", "stats")
+    run = lambda c, x: _session(topt_gqa_model(c, x, outputs), topt_library).run(None, feeds(x))  # noqa: E731
+    got = run(replace(case, dense_prompt=1), dict(inputs))
+    sparse = run(case, dict(inputs))
+    dense = run(case, {**inputs, "thresholds": np.full_like(inputs["thresholds"], -np.inf)})
+    want = dense if S > 1 else sparse
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6, rtol=1e-6)  # dense rows and θ = −inf rows: two code paths
+    np.testing.assert_array_equal(got[4][..., 2], want[4][..., 2])  # kept elements
+    assert (S > 1) == bool((got[4][..., 2] > sparse[4][..., 2]).any()), "the sparse op must drop keys here"
+    np.testing.assert_allclose(got[0], reference(replace(case, dense_prompt=1), dict(inputs))[0], atol=5e-5, rtol=5e-5)

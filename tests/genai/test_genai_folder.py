@@ -70,6 +70,21 @@ def test_each_group_query_attention_node_becomes_exactly_one_node(folders, compi
                {a.name: helper_value(a) for a in g.attribute if a.name in ("num_heads", "kv_num_heads", "do_rotary")}
 
 
+def test_dense_prompt_compiles_into_the_nodes_and_keeps_the_prompt_exact(folders, tmp_path, topt_library):
+    """--dense-prompt: the first step (the prompt) gives dense logits, later steps drop keys."""
+    out = tmp_path / "dense-prompt"
+    genai.compile_folder(folders["fp32"], out, theta=THETA, dense_prompt=True)
+    nodes = [n for n in onnx.load(genai.model_path(out), load_external_data=False).graph.node
+             if n.op_type == "TopThetaGroupQueryAttention"]
+    assert len(nodes) == LAYERS and all(
+        {a.name: helper_value(a) for a in n.attribute}.get("dense_prompt") == 1 for n in nodes)
+    dense, sparse = Decoder(genai.model_path(folders["fp32"])), Decoder(genai.model_path(out), topt_library)
+    ids = np.array([PROMPT, PROMPT[::-1]])
+    np.testing.assert_allclose(sparse.step(ids)["logits"], dense.step(ids)["logits"], rtol=1e-5, atol=1e-5)
+    steps = [np.abs(sparse.step(t)["logits"] - dense.step(t)["logits"]).max() for t in (ids[:, :1], ids[:, 1:2])]
+    assert max(steps) > 1e-4, "the decode steps drop keys at THETA"
+
+
 def helper_value(attribute):
     return onnx.helper.get_attribute_value(attribute)
 

@@ -5,6 +5,8 @@ every rewrite is tested against this function.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from onnx.reference.op_run import OpRun
 
@@ -17,7 +19,7 @@ def top_theta_attention(
     Q, K, V, attn_mask=None, past_key=None, past_value=None, thresholds=None,
     threshold_lengths=None, past_seqlens=None, past_v_sum=None, sdc_log_mass=None, *,
     scale=None, is_causal=0, k=0, placement="post_softmax", compensation="vmc",
-    kv_layout="concat", calibrated_max_length=0, return_decision_margin=False,
+    kv_layout="concat", calibrated_max_length=0, dense_prompt=0, return_decision_margin=False,
 ):
     """Returns (Y, present_key, present_value, present_v_sum, stats) as op.md defines them.
 
@@ -26,9 +28,11 @@ def top_theta_attention(
     to a score that float32 and float64 could decide differently.
     """
     attrs = Attributes(scale, int(is_causal), int(k), placement, compensation, kv_layout,
-                       int(calibrated_max_length)).validate()
+                       int(calibrated_max_length), int(dense_prompt or 0)).validate()
     comp = Compensation.parse(compensation, placement)
     Hq = _shape(Q, "Q", 4)[1]
+    if attrs.dense_prompt and _shape(Q, "Q", 4)[2] > 1:  # a prompt or chunk: every row keeps every key
+        attrs = replace(attrs, k=np.iinfo(np.int64).max)
     thresholds = np.asarray(thresholds, dtype=np.float32)
     lengths = _lengths(threshold_lengths)
     L = lengths.shape[0]
@@ -294,7 +298,8 @@ def top_theta_group_query_attention(query, key=None, value=None, past_key=None, 
                                     cos_cache=None, sin_cache=None, position_ids=None, thresholds=None,
                                     threshold_lengths=None, past_v_sum=None, sdc_log_mass=None, *, num_heads,
                                     kv_num_heads, do_rotary=0, rotary_interleaved=0, scale=None, k=0,
-                                    placement="post_softmax", compensation="vmc", calibrated_max_length=0):
+                                    placement="post_softmax", compensation="vmc", calibrated_max_length=0,
+                                    dense_prompt=0):
     """Returns (output [B,S,Hq·D], present_key, present_value, present_v_sum, stats): gqa_front, then
     top_theta_attention with kv_layout=shared_buffer and is_causal=1, Y back to [B, S, Hq·D]."""
     q, k_new, v_new, past = gqa_front(query, key, value, seqlens_k, cos_cache, sin_cache, position_ids,
@@ -303,7 +308,7 @@ def top_theta_group_query_attention(query, key=None, value=None, past_key=None, 
     y, *rest = top_theta_attention(q, k_new, v_new, None, past_key, past_value, thresholds, threshold_lengths, past,
                                    past_v_sum, sdc_log_mass, scale=scale or None, is_causal=1, k=k, placement=placement,
                                    compensation=compensation, kv_layout="shared_buffer",
-                                   calibrated_max_length=calibrated_max_length)
+                                   calibrated_max_length=calibrated_max_length, dense_prompt=dense_prompt)
     B, Hq, S, D = y.shape
     return (np.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(B, S, Hq * D), *rest)
 
@@ -319,12 +324,13 @@ class TopThetaAttention(OpRun):
     def _run(self, Q, K, V, attn_mask=None, past_key=None, past_value=None, thresholds=None,
              threshold_lengths=None, past_seqlens=None, past_v_sum=None, sdc_log_mass=None,
              scale=None, is_causal=0, k=0, placement="post_softmax", compensation="vmc",
-             kv_layout="concat", calibrated_max_length=0):
+             kv_layout="concat", calibrated_max_length=0, dense_prompt=0):
         outputs = top_theta_attention(
             Q, K, V, attn_mask, past_key, past_value, thresholds, threshold_lengths, past_seqlens,
             past_v_sum, sdc_log_mass, scale=scale, is_causal=is_causal or 0, k=k or 0,
             placement=_text(placement, "post_softmax"), compensation=_text(compensation, "vmc"),
-            kv_layout=_text(kv_layout, "concat"), calibrated_max_length=calibrated_max_length or 0)
+            kv_layout=_text(kv_layout, "concat"), calibrated_max_length=calibrated_max_length or 0,
+            dense_prompt=dense_prompt or 0)
         return outputs[: len(self.onnx_node.output)]
 
 
@@ -343,10 +349,10 @@ class TopThetaGroupQueryAttention(OpRun):
     op_domain = DOMAIN
 
     def _run(self, *inputs, num_heads=None, kv_num_heads=None, do_rotary=0, rotary_interleaved=0, scale=None, k=0,
-             placement="post_softmax", compensation="vmc", calibrated_max_length=0):
+             placement="post_softmax", compensation="vmc", calibrated_max_length=0, dense_prompt=0):
         outputs = top_theta_group_query_attention(
             *inputs, num_heads=num_heads, kv_num_heads=kv_num_heads, do_rotary=do_rotary or 0,
             rotary_interleaved=rotary_interleaved or 0, scale=scale, k=k or 0,
             placement=_text(placement, "post_softmax"), compensation=_text(compensation, "vmc"),
-            calibrated_max_length=calibrated_max_length or 0)
+            calibrated_max_length=calibrated_max_length or 0, dense_prompt=dense_prompt or 0)
         return outputs[: len(self.onnx_node.output)]

@@ -35,7 +35,7 @@ GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "t
 GQA_REQUIRED_INPUTS = ("query", "past_key", "past_value", "seqlens_k", "thresholds", "threshold_lengths")
 GQA_OUTPUTS = ("output", "present_key", "present_value", "present_v_sum", "stats")
 GQA_ATTRIBUTES = ("num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved", "scale", "k", "placement",
-                  "compensation", "calibrated_max_length")
+                  "compensation", "calibrated_max_length", "dense_prompt")
 
 PLACEMENTS = ("post_softmax", "pre_softmax")
 SDC_TOKENS = ("sdc_exact", "sdc_exp_threshold", "sdc_calibrated")
@@ -81,6 +81,7 @@ class Attributes:
     compensation: str = "vmc"
     kv_layout: str = "concat"
     calibrated_max_length: int = 0
+    dense_prompt: int = 0             # 1: a call with S > 1 (a prompt, a chunk) keeps every key
 
     def validate(self) -> "Attributes":
         if self.placement not in PLACEMENTS:
@@ -89,6 +90,8 @@ class Attributes:
             raise ValueError(f"kv_layout: expected one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.k < 0:
             raise ValueError(f"k: expected >= 0, got {self.k}")
+        if self.dense_prompt not in (0, 1):
+            raise ValueError(f"dense_prompt: expected 0 or 1, got {self.dense_prompt}")
         if self.is_causal not in (0, 1):
             raise ValueError(f"is_causal: expected 0 or 1, got {self.is_causal}")
         Compensation.parse(self.compensation, self.placement)
@@ -102,6 +105,8 @@ class Attributes:
         }
         if self.scale is not None:
             attrs["scale"] = float(self.scale)
+        if self.dense_prompt:
+            attrs["dense_prompt"] = 1
         return attrs
 
 

@@ -10,12 +10,14 @@ from .insert_gqa import InsertTopThetaGQA, is_gqa
 from .insert_top_theta import InsertTopThetaAttention
 
 
-def rewrite(model: ir.Model, sites: list[Site], table: ThresholdTable, stats: bool = False) -> ir.passes.PassResult:
-    """Rewrites `model` in place: one TopThetaAttention per matched site in `table` (with `stats`,
-    each node's statistics become graph outputs `topt.<site>.stats`)."""
+def rewrite(model: ir.Model, sites: list[Site], table: ThresholdTable, stats: bool = False,
+            dense_prompt: bool = False) -> ir.passes.PassResult:
+    """Rewrites `model` in place: one TopThetaAttention (TopThetaGroupQueryAttention for a GQA node)
+    per matched site in `table` (with `stats`, each node's statistics become graph outputs
+    `topt.<site>.stats`; with `dense_prompt`, calls with more than one query row stay exact)."""
     return ir.passes.Sequential(
-        InsertTopThetaAttention([s for s in sites if not is_gqa(s)], table, stats),
-        InsertTopThetaGQA(sites, table, stats),
+        InsertTopThetaAttention([s for s in sites if not is_gqa(s)], table, stats, dense_prompt),
+        InsertTopThetaGQA(sites, table, stats, dense_prompt),
         RemoveUnusedNodesPass(),
         RemoveUnusedOpsetsPass(),
     )(model)

@@ -34,11 +34,12 @@ class InsertTopThetaGQA(ir.passes.InPlacePass):
     initializers as in InsertTopThetaAttention; `stats` exposes each node's stats as graph output
     `topt.<site>.stats`."""
 
-    def __init__(self, sites: list[Site], table: ThresholdTable, stats: bool = False):
+    def __init__(self, sites: list[Site], table: ThresholdTable, stats: bool = False, dense_prompt: bool = False):
         super().__init__()
         self.sites = [s for s in sites if s.matched and is_gqa(s) and s.id in table.sites]
         self.table = table
         self.stats = stats
+        self.dense_prompt = dense_prompt
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -62,7 +63,8 @@ class InsertTopThetaGQA(ir.passes.InPlacePass):
             inputs["sdc_log_mass"] = _initializer(graph, f"{prefix}.sdc_log_mass", np.asarray(t.sdc_log_mass, np.float32))
         attrs = schema.gqa_attributes(
             schema.Attributes(scale=site.scale, is_causal=1, k=t.k, placement=t.placement, compensation=t.compensation,
-                              kv_layout="shared_buffer", calibrated_max_length=t.calibrated_max_length),
+                              kv_layout="shared_buffer", calibrated_max_length=t.calibrated_max_length,
+                              dense_prompt=int(self.dense_prompt)),
             site.Hq, site.Hkv, int(site.variant["do_rotary"]), int(site.variant["rotary_interleaved"]))
         values = [inputs.get(name) for name in schema.GQA_INPUTS]
         while values[-1] is None:

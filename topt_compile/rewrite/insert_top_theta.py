@@ -18,11 +18,12 @@ class InsertTopThetaAttention(ir.passes.InPlacePass):
     `topt.<site>.threshold_lengths` [L].
     """
 
-    def __init__(self, sites: list[Site], table: ThresholdTable, stats: bool = False):
+    def __init__(self, sites: list[Site], table: ThresholdTable, stats: bool = False, dense_prompt: bool = False):
         super().__init__()
         self.sites = [s for s in sites if s.matched and s.id in table.sites]
         self.table = table
         self.stats = stats  # also expose each node's stats as a graph output `topt.<site>.stats`
+        self.dense_prompt = dense_prompt  # the nodes' dense_prompt attribute (op.md)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -56,7 +57,8 @@ class InsertTopThetaAttention(ir.passes.InPlacePass):
             inputs["sdc_log_mass"] = _initializer(graph, f"{prefix}.sdc_log_mass", np.asarray(t.sdc_log_mass, np.float32))
         attrs = schema.Attributes(scale=site.scale, is_causal=site.is_causal, k=t.k, placement=t.placement,
                                   compensation=t.compensation, kv_layout="concat",
-                                  calibrated_max_length=t.calibrated_max_length).validate()
+                                  calibrated_max_length=t.calibrated_max_length,
+                                  dense_prompt=int(self.dense_prompt)).validate()
         values = [inputs.get(name) for name in schema.INPUTS]
         while values[-1] is None:
             values.pop()
