@@ -16,19 +16,19 @@ using topt::ort::TopThetaCalibrateCpuOp;
 using topt::ort::TopThetaCpuOp;
 
 // Static: ORT keeps pointers to the ops for the lifetime of every session that uses them.
-const TopThetaCpuOp kCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-const TopThetaCpuOp kCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-const topt::ort::TopThetaGqaCpuOp kGqaCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-const topt::ort::TopThetaGqaCpuOp kGqaCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-const TopThetaCalibrateCpuOp kCalibrateCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-const TopThetaCalibrateCpuOp kCalibrateCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+const TopThetaCpuOp kCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, topt::ort::kCpuProvider);
+const TopThetaCpuOp kCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, topt::ort::kCpuProvider);
+const topt::ort::TopThetaGqaCpuOp kGqaCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, topt::ort::kCpuProvider);
+const topt::ort::TopThetaGqaCpuOp kGqaCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, topt::ort::kCpuProvider);
+const TopThetaCalibrateCpuOp kCalibrateCpuFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, topt::ort::kCpuProvider);
+const TopThetaCalibrateCpuOp kCalibrateCpuFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, topt::ort::kCpuProvider);
 #ifdef TOPT_WITH_CUDA
-const topt::ort::TopThetaCudaOp kCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-const topt::ort::TopThetaCudaOp kCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-const topt::ort::TopThetaCudaOp kCudaBFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
-const topt::ort::TopThetaGqaCudaOp kGqaCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-const topt::ort::TopThetaGqaCudaOp kGqaCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
-const topt::ort::TopThetaGqaCudaOp kGqaCudaBFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16);
+const topt::ort::TopThetaCudaOp kCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, topt::ort::kCudaProvider);
+const topt::ort::TopThetaCudaOp kCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, topt::ort::kCudaProvider);
+const topt::ort::TopThetaCudaOp kCudaBFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, topt::ort::kCudaProvider);
+const topt::ort::TopThetaGqaCudaOp kGqaCudaFloat(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, topt::ort::kCudaProvider);
+const topt::ort::TopThetaGqaCudaOp kGqaCudaFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, topt::ort::kCudaProvider);
+const topt::ort::TopThetaGqaCudaOp kGqaCudaBFloat16(ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, topt::ort::kCudaProvider);
 #endif
 
 }  // namespace

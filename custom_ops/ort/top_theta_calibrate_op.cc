@@ -38,22 +38,18 @@ TopThetaCalibrateParams CalibrateParamsFromContext(OrtKernelContext* raw_context
   return cp;
 }
 
-OrtCustomOpInputOutputCharacteristic TopThetaCalibrateCpuOp::GetInputCharacteristic(size_t i) const {
+OrtCustomOpInputOutputCharacteristic CalibrateSignature::InputCharacteristic(size_t i) {
   const bool required = i == kQ || i == kK || i == kV || i == kCalibrateThresholdLengths;
   return required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
 }
 
-ONNXTensorElementDataType TopThetaCalibrateCpuOp::GetOutputType(size_t i) const {
+ONNXTensorElementDataType CalibrateSignature::OutputType(size_t i, ONNXTensorElementDataType t) {
   switch (i) {
     case kThetaSums:
     case kSdcSums: return ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
     case kCalibrateStats: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-    default: return type_;
+    default: return t;
   }
-}
-
-OrtStatusPtr TopThetaCalibrateCpuOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return ToStatus([&] { *kernel = new TopThetaCalibrateCpuKernel{ParseCalibrateAttributes(info)}; });
 }
 
 OrtStatusPtr TopThetaCalibrateCpuKernel::ComputeV2(OrtKernelContext* context) {

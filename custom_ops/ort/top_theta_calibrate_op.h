@@ -17,29 +17,23 @@ Attributes ParseCalibrateAttributes(const OrtKernelInfo* info);
 // Validates the inputs, allocates the requested outputs and fills the params.
 TopThetaCalibrateParams CalibrateParamsFromContext(OrtKernelContext* context, const Attributes& attributes);
 
+// As TopThetaAttention: only Q is declared T, the rest is checked with errors naming the input.
+struct CalibrateSignature {
+  static constexpr const char* kName = kCalibrateOpName;
+  static constexpr size_t kInputs = kNumCalibrateInputs, kOutputs = kNumCalibrateOutputs;
+  static ONNXTensorElementDataType InputType(size_t i, ONNXTensorElementDataType t) { return ort::InputType(i, t); }
+  static ONNXTensorElementDataType OutputType(size_t i, ONNXTensorElementDataType t);
+  static OrtCustomOpInputOutputCharacteristic InputCharacteristic(size_t i);
+  static OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t i) { return ort::OutputCharacteristic(i); }
+};
+
 struct TopThetaCalibrateCpuKernel {
   Attributes attributes;
+  static TopThetaCalibrateCpuKernel* Create(const OrtKernelInfo* info) {
+    return new TopThetaCalibrateCpuKernel{ParseCalibrateAttributes(info)};
+  }
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
-
-struct TopThetaCalibrateCpuOp
-    : Ort::CustomOpBase<TopThetaCalibrateCpuOp, TopThetaCalibrateCpuKernel, /*WithStatus=*/true> {
-  explicit TopThetaCalibrateCpuOp(ONNXTensorElementDataType t) : type_(t) {}
-
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return kCalibrateOpName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-
-  // As TopThetaAttention: only Q is declared T, the rest is checked with errors naming the input.
-  size_t GetInputTypeCount() const { return kNumCalibrateInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return InputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const;
-  size_t GetOutputTypeCount() const { return kNumCalibrateOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const;
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const { return OutputCharacteristic(i); }
-
- private:
-  ONNXTensorElementDataType type_;
-};
+using TopThetaCalibrateCpuOp = Op<CalibrateSignature, TopThetaCalibrateCpuKernel>;
 
 }  // namespace topt::ort

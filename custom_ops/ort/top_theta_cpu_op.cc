@@ -4,10 +4,6 @@
 
 namespace topt::ort {
 
-OrtStatusPtr TopThetaCpuOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return ToStatus([&] { *kernel = new TopThetaCpuKernel{ParseAttributes(info)}; });
-}
-
 OrtStatusPtr TopThetaCpuKernel::ComputeV2(OrtKernelContext* context) {
   return ToStatus([&] { RunTopThetaCpu(ParamsFromContext(context, attributes)); });
 }

@@ -31,16 +31,22 @@ CudaNodeState::~CudaNodeState() {
   for (auto& [key, st] : vsum_states_) cudaFree(st.sum);
 }
 
+// Grows `sc` to at least `bytes` (at least `min_cap`): the old buffer is freed after the calls
+// queued on it. Returns whether it grew.
+bool CudaNodeState::Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream_t stream, const Attributes& attributes) {
+  if (sc.cap >= bytes) return false;
+  if (sc.p) cudaFreeAsync(sc.p, stream);
+  sc = Scratch{};
+  const int64_t cap = std::max<int64_t>(bytes, min_cap);
+  Check(cudaMallocAsync(&sc.p, size_t(cap), stream), attributes, "CUDA scratch");
+  sc.cap = cap;
+  return true;
+}
+
 void* CudaNodeState::FrontScratch(int64_t bytes, cudaStream_t stream, const Attributes& attributes) {
   std::lock_guard<std::mutex> lock(mu_);
   Scratch& sc = front_[stream];
-  if (sc.cap < bytes) {  // grow: the old buffer is freed after the calls queued on it
-    if (sc.p) cudaFreeAsync(sc.p, stream);
-    sc = Scratch{};
-    const int64_t cap = std::max<int64_t>(bytes, 1 << 16);
-    Check(cudaMallocAsync(&sc.p, size_t(cap), stream), attributes, "CUDA scratch");
-    sc.cap = cap;
-  }
+  Grow(sc, bytes, 1 << 16, stream, attributes);
   return sc.p;
 }
 
@@ -81,14 +87,9 @@ void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attribu
   if (const int64_t bytes = TopThetaCudaWorkspaceBytes(p); bytes > 0) {
     const int64_t tail = TopThetaCudaWorkspaceZeroTailBytes(p), data = bytes - tail;
     Scratch& sc = scratch_[stream];
-    if (sc.cap < bytes) {  // grow: the old buffer is freed after the calls queued on it
-      if (sc.p) cudaFreeAsync(sc.p, stream);
-      sc = Scratch{};
-      const int64_t cap = std::max<int64_t>(bytes, 1 << 20);
-      Check(cudaMallocAsync(&sc.p, size_t(cap), stream), attributes, "CUDA scratch");
-      Check(cudaMemsetAsync(sc.p, 0, size_t(cap), stream), attributes, "CUDA scratch");
-      sc.cap = cap;
-      sc.zero_tail = cap;
+    if (Grow(sc, bytes, 1 << 20, stream, attributes)) {  // a new buffer: all of it zero
+      Check(cudaMemsetAsync(sc.p, 0, size_t(sc.cap), stream), attributes, "CUDA scratch");
+      sc.zero_tail = sc.cap;
     } else if (const int64_t from = (sc.cap - tail) / 16 * 16; sc.zero_tail < sc.cap - from) {
       // a larger counter region than any call since the allocation: zero it once
       Check(cudaMemsetAsync(static_cast<char*>(sc.p) + from, 0, size_t(sc.cap - from), stream), attributes, "CUDA scratch");
@@ -101,19 +102,11 @@ void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attribu
   Check(LaunchTopThetaCuda(p, stream), attributes, "CUDA launch failed");
 }
 
-OrtStatusPtr TopThetaCudaOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return ToStatus([&] { *kernel = new TopThetaCudaKernel(ParseAttributes(info)); });
-}
-
 OrtStatusPtr TopThetaCudaKernel::ComputeV2(OrtKernelContext* context) {
   return ToStatus([&] {
     TopThetaParams p = ParamsFromContext(context, attributes, /*values_on_host=*/false);
     state.Launch(p, static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream()), attributes);
   });
-}
-
-OrtStatusPtr TopThetaGqaCudaOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return ToStatus([&] { *kernel = new TopThetaGqaCudaKernel(ParseGqaAttributes(info)); });
 }
 
 OrtStatusPtr TopThetaGqaCudaKernel::ComputeV2(OrtKernelContext* context) {

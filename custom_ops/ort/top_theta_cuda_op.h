@@ -43,6 +43,7 @@ class CudaNodeState {
   };
   static constexpr size_t kMaxVSumStates = 8;
   VSumState& StateFor(const TopThetaParams& p, cudaStream_t stream, const Attributes& attributes);
+  static bool Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream_t stream, const Attributes& attributes);
 
   std::mutex mu_;  // held until a launch is enqueued (stream order does the rest)
   std::unordered_map<cudaStream_t, Scratch> scratch_, front_;
@@ -53,51 +54,17 @@ class CudaNodeState {
 struct TopThetaCudaKernel {
   Attributes attributes;
   CudaNodeState state;
-  explicit TopThetaCudaKernel(Attributes a) : attributes(std::move(a)) {}
+  static TopThetaCudaKernel* Create(const OrtKernelInfo* info) { return new TopThetaCudaKernel{ParseAttributes(info)}; }
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
-
-struct TopThetaCudaOp : Ort::CustomOpBase<TopThetaCudaOp, TopThetaCudaKernel, /*WithStatus=*/true> {
-  explicit TopThetaCudaOp(ONNXTensorElementDataType t) : type_(t) {}
-
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return kOpName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return InputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const { return InputCharacteristic(i); }
-  size_t GetOutputTypeCount() const { return kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return OutputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const { return OutputCharacteristic(i); }
-
- private:
-  ONNXTensorElementDataType type_;
-};
+using TopThetaCudaOp = Op<AttentionSignature, TopThetaCudaKernel>;
 
 struct TopThetaGqaCudaKernel {
   GqaAttributes attributes;
   CudaNodeState state;
-  explicit TopThetaGqaCudaKernel(GqaAttributes a) : attributes(std::move(a)) {}
+  static TopThetaGqaCudaKernel* Create(const OrtKernelInfo* info) { return new TopThetaGqaCudaKernel{ParseGqaAttributes(info)}; }
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
-
-struct TopThetaGqaCudaOp : Ort::CustomOpBase<TopThetaGqaCudaOp, TopThetaGqaCudaKernel, /*WithStatus=*/true> {
-  explicit TopThetaGqaCudaOp(ONNXTensorElementDataType t) : type_(t) {}
-
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return kGqaOpName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-
-  size_t GetInputTypeCount() const { return kGqaNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return GqaInputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const { return GqaInputCharacteristic(i); }
-  size_t GetOutputTypeCount() const { return kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return OutputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const { return OutputCharacteristic(i); }
-
- private:
-  ONNXTensorElementDataType type_;
-};
+using TopThetaGqaCudaOp = Op<GqaSignature, TopThetaGqaCudaKernel>;
 
 }  // namespace topt::ort

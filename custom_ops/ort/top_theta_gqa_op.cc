@@ -24,15 +24,6 @@ OrtCustomOpInputOutputCharacteristic GqaInputCharacteristic(size_t index) {
 
 namespace {
 
-int64_t IntAttribute(const Ort::ConstKernelInfo& info, const Attributes& a, const char* name, int64_t fallback) {
-  try {
-    return info.GetAttribute<int64_t>(name);
-  } catch (const Ort::Exception& e) {
-    if (std::string(e.what()).find("No attribute with name") != std::string::npos) return fallback;
-    Fail(a.op_name, a.node_name, "attribute", name, e.what());
-  }
-}
-
 int64_t AlignUp(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
@@ -43,7 +34,7 @@ GqaAttributes ParseGqaAttributes(const OrtKernelInfo* raw_info) {
   g.base.is_causal = true;
   g.base.kv_layout = KvLayout::kSharedBuffer;
   if (g.base.has_scale && g.base.scale == 0.f) g.base.has_scale = false;  // GQA's 0: 1/sqrt(D)
-  Ort::ConstKernelInfo info(raw_info);
+  const OrtKernelInfo* info = raw_info;
   const auto fail = [&](const char* name, const auto&... parts) { Fail(kGqaOpName, g.base.node_name, "attribute", name, parts...); };
   g.num_heads = IntAttribute(info, g.base, "num_heads", 0);
   g.kv_num_heads = IntAttribute(info, g.base, "kv_num_heads", 0);
@@ -177,10 +168,6 @@ void PlaceGqaScratch(GqaCall& call, void* scratch) {
   p.past_seqlens = call.prep.past_seqlens = past;
   if (p.S != 1) p.y = take(p.B * p.Hq * p.S * p.Dh * es);
   call.out.y = p.y;
-}
-
-OrtStatusPtr TopThetaGqaCpuOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-  return ToStatus([&] { *kernel = new TopThetaGqaCpuKernel{ParseGqaAttributes(info)}; });
 }
 
 OrtStatusPtr TopThetaGqaCpuKernel::ComputeV2(OrtKernelContext* context) {

@@ -42,27 +42,20 @@ GqaCall GqaCallFromContext(OrtKernelContext* context, const GqaAttributes& a, bo
 // Points the call's intermediate tensors into `scratch` (scratch_bytes, 256-byte aligned pieces).
 void PlaceGqaScratch(GqaCall& call, void* scratch);
 
+struct GqaSignature {
+  static constexpr const char* kName = kGqaOpName;
+  static constexpr size_t kInputs = kGqaNumInputs, kOutputs = kNumOutputs;
+  static ONNXTensorElementDataType InputType(size_t i, ONNXTensorElementDataType t) { return GqaInputType(i, t); }
+  static ONNXTensorElementDataType OutputType(size_t i, ONNXTensorElementDataType t) { return ort::OutputType(i, t); }
+  static OrtCustomOpInputOutputCharacteristic InputCharacteristic(size_t i) { return GqaInputCharacteristic(i); }
+  static OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t i) { return ort::OutputCharacteristic(i); }
+};
+
 struct TopThetaGqaCpuKernel {
   GqaAttributes attributes;
+  static TopThetaGqaCpuKernel* Create(const OrtKernelInfo* info) { return new TopThetaGqaCpuKernel{ParseGqaAttributes(info)}; }
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
-
-struct TopThetaGqaCpuOp : Ort::CustomOpBase<TopThetaGqaCpuOp, TopThetaGqaCpuKernel, /*WithStatus=*/true> {
-  explicit TopThetaGqaCpuOp(ONNXTensorElementDataType t) : type_(t) {}
-
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return kGqaOpName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-
-  size_t GetInputTypeCount() const { return kGqaNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return GqaInputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const { return GqaInputCharacteristic(i); }
-  size_t GetOutputTypeCount() const { return kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const { return OutputType(i, type_); }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const { return OutputCharacteristic(i); }
-
- private:
-  ONNXTensorElementDataType type_;
-};
+using TopThetaGqaCpuOp = Op<GqaSignature, TopThetaGqaCpuKernel>;
 
 }  // namespace topt::ort

@@ -78,6 +78,14 @@ V Attribute(const Ort::ConstKernelInfo& info, const Attributes& a, const char* n
   }
 }
 
+}  // namespace
+
+int64_t IntAttribute(const OrtKernelInfo* info, const Attributes& a, const char* name, int64_t fallback) {
+  return Attribute<int64_t>(Ort::ConstKernelInfo(info), a, name, fallback);
+}
+
+namespace {
+
 bool HasAttribute(const Ort::ConstKernelInfo& info, const char* name) {
   try {
     info.GetAttribute<float>(name);

@@ -108,6 +108,9 @@ void ApplyAttributes(const Attributes& a, TopThetaParams& p);
 // The output's buffer, or nullptr when the node does not request it.
 void* AllocateOutput(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape);
 
+// An int attribute, or `fallback` when the node does not set it (errors name the node).
+int64_t IntAttribute(const OrtKernelInfo* info, const Attributes& a, const char* name, int64_t fallback);
+
 // Runs `body`, turning any exception into an OrtStatus (nullptr on success).
 template <typename F>
 OrtStatusPtr ToStatus(F&& body) noexcept {
@@ -120,5 +123,44 @@ OrtStatusPtr ToStatus(F&& body) noexcept {
     return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
   }
 }
+
+// The op class of every (signature, kernel) pair the library registers. `Signature`: kName,
+// kInputs, kOutputs and the static InputType/OutputType(index, T) and
+// Input/OutputCharacteristic(index) of docs/op.md's table; `Kernel`: a static
+// Create(const OrtKernelInfo*) parsing the attributes, and ComputeV2(OrtKernelContext*).
+template <typename Signature, typename Kernel>
+struct Op : Ort::CustomOpBase<Op<Signature, Kernel>, Kernel, /*WithStatus=*/true> {
+  Op(ONNXTensorElementDataType t, const char* execution_provider) : type_(t), ep_(execution_provider) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return ToStatus([&] { *kernel = Kernel::Create(info); });
+  }
+  const char* GetName() const { return Signature::kName; }
+  const char* GetExecutionProviderType() const { return ep_; }
+
+  size_t GetInputTypeCount() const { return Signature::kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return Signature::InputType(i, type_); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const { return Signature::InputCharacteristic(i); }
+  size_t GetOutputTypeCount() const { return Signature::kOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return Signature::OutputType(i, type_); }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const { return Signature::OutputCharacteristic(i); }
+
+ private:
+  ONNXTensorElementDataType type_;
+  const char* ep_;
+};
+
+inline constexpr const char* kCpuProvider = "CPUExecutionProvider";
+inline constexpr const char* kCudaProvider = "CUDAExecutionProvider";
+
+// TopThetaAttention's signature (the functions above).
+struct AttentionSignature {
+  static constexpr const char* kName = kOpName;
+  static constexpr size_t kInputs = kNumInputs, kOutputs = kNumOutputs;
+  static ONNXTensorElementDataType InputType(size_t i, ONNXTensorElementDataType t) { return ort::InputType(i, t); }
+  static ONNXTensorElementDataType OutputType(size_t i, ONNXTensorElementDataType t) { return ort::OutputType(i, t); }
+  static OrtCustomOpInputOutputCharacteristic InputCharacteristic(size_t i) { return ort::InputCharacteristic(i); }
+  static OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t i) { return ort::OutputCharacteristic(i); }
+};
 
 }  // namespace topt::ort
