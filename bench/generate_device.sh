@@ -7,7 +7,8 @@
 #   c0…c4: onnxruntime-gpu as ../shared/device/README.md says; then a call carrying .devlib (the
 #        CUDA-enabled libtopt_ops.so) and .devx/t (t.json) → bash bench/generate_device.sh run [generate.py args]
 # models: GGUF → HF folder → builder → compile (sparse16, and sparse16dp with --dense-prompt) only;
-# profile: then bench/profile_step.py [args]; run with SPARSE=sparse16dp: the dense-prompt model.
+# profile: then bench/profile_step.py [args]; run with SPARSE=sparse16dp: the dense-prompt model;
+# TABLE=t256.json SPARSE=sparse16k256: a model compiled from another carried table.
 # run: GGUF → HF folder → onnxruntime-genai builder (fp16, cuda) → topt-compile with the t.json
 # (--same-weights: calibrated on the float32 export) → bench/generate.py, reports under $OUT.
 set -euo pipefail
@@ -27,7 +28,7 @@ run|models|profile)
   . ~/ort-env.sh
   export PYTHONPATH=$W/site:$PWD:$PYTHONPATH TOPT_SMOLLM2_GGUF=$W/SmolLM2-135M-Instruct.Q4_1.gguf \
     TOPT_LIBRARY_PATH=$PWD/.devlib/libtopt_ops.so PYTHONUNBUFFERED=1
-  [ -f .devx/t/t.json ] && cp .devx/t/t.json "$W/t.json"  # carried once; later calls reuse it
+  [ -f .devx/t/t.json ] && cp .devx/t/*.json "$W/"  # carried once; later calls reuse them
   t0=$(date +%s)
   [ -d "$W/hf" ] || python3 -c "from topt_compile.frontends.export import save_smollm2_hf; save_smollm2_hf('$W/hf')"
   [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda')"
@@ -35,6 +36,11 @@ run|models|profile)
   [ -d "$W/sparse16" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
   [ -d "$W/sparse16dp" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights --dense-prompt \
     -o "$W/sparse16dp" | tail -1
+  # another table: TABLE=t256.json SPARSE=sparse16k256 compiles it once under that name
+  if [ -n "${TABLE:-}" ] && [ ! -d "$W/$SPARSE" ]; then
+    python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/$TABLE" --same-weights ${DENSE_PROMPT:+--dense-prompt} \
+      -o "$W/$SPARSE" | tail -1
+  fi
   [ "$mode" = models ] && exit 0
   [ "$mode" = profile ] && exec python3 bench/profile_step.py --dense "$W/dense16" --sparse "$W/sparse16" "$@"
   python3 bench/generate.py --dense "$W/dense16" --sparse "$W/${SPARSE:-sparse16}" --provider cuda \
