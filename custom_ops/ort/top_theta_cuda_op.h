@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <unordered_map>
 
@@ -24,7 +25,7 @@ class CudaNodeState {
   // Enqueues the op for `p` on `stream` (workspace and running V sum filled in here).
   void Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes);
   // Scratch of at least `bytes` for the GQA front, valid for the calls queued on `stream`.
-  void* FrontScratch(int64_t bytes, cudaStream_t stream, const Attributes& attributes);
+  void* FrontScratch(int64_t bytes, bool decode, cudaStream_t stream, const Attributes& attributes);
 
  private:
   struct Scratch {
@@ -45,8 +46,19 @@ class CudaNodeState {
   VSumState& StateFor(const TopThetaParams& p, cudaStream_t stream, const Attributes& attributes);
   static bool Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream_t stream, const Attributes& attributes);
 
+  // Scratch is kept per (stream, decode or not): a prompt call never frees or moves the buffers of
+  // decode calls, whose addresses a captured CUDA graph (ORT's enable_cuda_graph) replays.
+  struct ScratchKey {
+    cudaStream_t stream;
+    bool decode;
+    bool operator==(const ScratchKey& o) const { return stream == o.stream && decode == o.decode; }
+  };
+  struct ScratchKeyHash {
+    size_t operator()(const ScratchKey& k) const { return std::hash<const void*>()(k.stream) * 2 + k.decode; }
+  };
+
   std::mutex mu_;  // held until a launch is enqueued (stream order does the rest)
-  std::unordered_map<cudaStream_t, Scratch> scratch_, front_;
+  std::unordered_map<ScratchKey, Scratch, ScratchKeyHash> scratch_, front_;
   std::unordered_map<const void*, VSumState> vsum_states_;
   uint64_t calls_ = 0;
 };

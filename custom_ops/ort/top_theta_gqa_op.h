@@ -49,6 +49,9 @@ struct GqaSignature {
   static ONNXTensorElementDataType OutputType(size_t i, ONNXTensorElementDataType t) { return ort::OutputType(i, t); }
   static OrtCustomOpInputOutputCharacteristic InputCharacteristic(size_t i) { return GqaInputCharacteristic(i); }
   static OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t i) { return ort::OutputCharacteristic(i); }
+  // total_sequence_length is never read (seqlens_k gives every row's length): host memory, as
+  // GroupQueryAttention declares it, so the genai graph's CPU Shape→Gather feeds it without a copy.
+  static OrtMemType InputMemoryType(size_t i) { return i == kGqaTotalSequenceLength ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
 };
 
 struct TopThetaGqaCpuKernel {

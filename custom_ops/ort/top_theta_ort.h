@@ -128,6 +128,8 @@ OrtStatusPtr ToStatus(F&& body) noexcept {
 // kInputs, kOutputs and the static InputType/OutputType(index, T) and
 // Input/OutputCharacteristic(index) of docs/op.md's table; `Kernel`: a static
 // Create(const OrtKernelInfo*) parsing the attributes, and ComputeV2(OrtKernelContext*).
+// InputMemoryType(index): OrtMemTypeCPUInput for an input the op never reads on the device (no
+// Memcpy node feeds it, which also keeps the graph capturable by ORT's CUDA graphs).
 template <typename Signature, typename Kernel>
 struct Op : Ort::CustomOpBase<Op<Signature, Kernel>, Kernel, /*WithStatus=*/true> {
   Op(ONNXTensorElementDataType t, const char* execution_provider) : type_(t), ep_(execution_provider) {}
@@ -144,6 +146,7 @@ struct Op : Ort::CustomOpBase<Op<Signature, Kernel>, Kernel, /*WithStatus=*/true
   size_t GetOutputTypeCount() const { return Signature::kOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t i) const { return Signature::OutputType(i, type_); }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const { return Signature::OutputCharacteristic(i); }
+  OrtMemType GetInputMemoryType(size_t i) const { return Signature::InputMemoryType(i); }
 
  private:
   ONNXTensorElementDataType type_;
@@ -161,6 +164,7 @@ struct AttentionSignature {
   static ONNXTensorElementDataType OutputType(size_t i, ONNXTensorElementDataType t) { return ort::OutputType(i, t); }
   static OrtCustomOpInputOutputCharacteristic InputCharacteristic(size_t i) { return ort::InputCharacteristic(i); }
   static OrtCustomOpInputOutputCharacteristic OutputCharacteristic(size_t i) { return ort::OutputCharacteristic(i); }
+  static OrtMemType InputMemoryType(size_t) { return OrtMemTypeDefault; }
 };
 
 }  // namespace topt::ort

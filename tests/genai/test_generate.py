@@ -50,3 +50,22 @@ def test_a_step_past_the_buffer_or_an_unknown_provider_is_a_one_line_error(dense
         decoder.step(np.zeros((1, 9), np.int64))
     with pytest.raises(ModelError, match="provider"):
         InPlaceDecoder(dense / "model.onnx", "tpu")
+
+
+def test_static_inputs_for_cuda_graphs_generate_the_same_tokens(dense, compiled):
+    # The CUDA-graph decode path (fixed buffers, [B, max_length] mask: total_sequence_length is the
+    # buffer's length, seqlens_k the row's) must generate what the growing-mask path generates.
+    prompts = np.asarray([PROMPT, PROMPT[::-1]])
+    for folder, library in ((dense, None), (compiled(0.2), "auto")):
+        grown, _ = InPlaceDecoder(folder / "model.onnx", "cpu", 2, 40, library=library).greedy(prompts, 12)
+        static = InPlaceDecoder(folder / "model.onnx", "cpu", 2, 40, library=library, static_inputs=True)
+        first, _ = static.greedy(prompts, 12)
+        again, _ = static.greedy(prompts[:, :7], 12)  # a new prompt over the same buffers
+        assert first.tolist() == grown.tolist()
+        assert again.tolist() == InPlaceDecoder(folder / "model.onnx", "cpu", 2, 40, library=library).greedy(
+            prompts[:, :7], 12)[0].tolist()
+
+
+def test_cuda_graph_needs_the_cuda_provider(dense):
+    with pytest.raises(ModelError, match="cuda_graph: needs provider 'cuda'"):
+        InPlaceDecoder(dense / "model.onnx", "cpu", cuda_graph=True, library=None)
