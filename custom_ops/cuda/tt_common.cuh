@@ -86,12 +86,17 @@ __device__ __forceinline__ int64_t MaskBase(const TopThetaParams& p, int64_t b, 
   return b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_s;
 }
 
-// Threshold column: the largest c with threshold_lengths[c] <= n, else 0 (L is small).
+// The largest column c >= 1 with threshold_lengths[c] <= n, else 0 (op.md, Thresholds). Binary
+// search over the increasing lengths: calibrated tables have hundreds of columns, and a linear
+// scan by every thread of every CTA was most of a SmolLM2 decode call (measured: 507 columns).
 __device__ __forceinline__ int64_t ThetaColumn(const TopThetaParams& p, int64_t n) {
-  int64_t c = 0;
-  for (int64_t l = 1; l < p.L; ++l)
-    if (p.threshold_lengths[l] <= n) c = l;
-  return c;
+  int64_t lo = 1, hi = p.L;  // invariant: lengths[< lo] <= n (from 1), lengths[>= hi] > n
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (__ldg(p.threshold_lengths + mid) <= n) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo - 1;
 }
 
 // Per-row constants once n is known.
