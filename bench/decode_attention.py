@@ -2,13 +2,15 @@
 in-place KV cache) against ONNX Runtime's dense com.microsoft.GroupQueryAttention (past and present
 bound to one buffer: its fastest form), ONNX Attention-23 (past -> present copy), and torch SDPA.
 
-Method (bench/README.md): every ORT model is a chain of N attention nodes, each with its own KV
+Method: every ORT model is a chain of N attention nodes, each with its own KV
 cache (so no layer's cache sits in L2 for the next), bound with I/O binding to device buffers made
 by torch. The time per node is the slope between N1 and N2 nodes, (t(N2) - t(N1)) / (N2 - N1),
 which removes the fixed per-run cost of ORT's Python API. Medians of many runs. torch SDPA is
 timed as a CUDA graph of N2 layers. Inputs are random normal (never zeros). Thresholds are set to
 hit a target union kept fraction (V rows read per KV group), found by bisection with the op's own
 stats output; the measured fraction is reported.
+
+--kernels also profiles each topt configuration (torch.profiler/CUPTI): µs per node of each kernel.
 
 Usage (GPU machine, onnxruntime-gpu + torch): python bench/decode_attention.py --out results.json
 """
@@ -186,7 +188,7 @@ def sdpa_ms(B, Hq, Hkv, D, T, n_layers, repeats):
     return statistics.median(times) / n_layers
 
 
-def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers):
+def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers, kernels=False):
     G, M = Hq // Hkv, ctx + 1
     n1, n2 = layers
     dev = dict(device="cuda", dtype=torch.float16)
@@ -229,12 +231,13 @@ def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers):
             theta, measured = find_thresholds(lambda t: topt_runner(1, placement, compensation, t, True), placement,
                                               fraction, Hq, G, ctx + 1)
             ms = slope_ms(lambda n: topt_runner(n, placement, compensation, theta), n1, n2, repeats)
+            extra = {"kernels": kernel_times(topt_runner(n2, placement, compensation, theta), n2)} if kernels else {}
             read = B * Hkv * (ctx + 1) * D * 2 * (1 + measured)  # all of K + the kept V rows
             best_dense = min(row_gqa, row_sdpa)
             results.append(row | {"placement": placement, "compensation": compensation, "target_fraction": fraction,
                                   "union_kept_fraction": measured, "topt_ms": ms, "gqa_ms": row_gqa, "sdpa_ms": row_sdpa,
                                   "topt_GBps": read / ms / 1e6, "dense_GBps_best": dense_bytes / best_dense / 1e6,
-                                  "speedup_vs_best_dense": best_dense / ms, "speedup_vs_gqa": row_gqa / ms})
+                                  "speedup_vs_best_dense": best_dense / ms, "speedup_vs_gqa": row_gqa / ms} | extra)
             print(json.dumps(results[-1]), flush=True)
     if B * (ctx + 1) * Hkv * D * 2 * 2 * n2 < 24e9:  # Attention-23 copies the cache: skip where it would not fit
         def attention23_runner(n):
@@ -251,6 +254,32 @@ def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers):
     del caches
     torch.cuda.empty_cache()
     return results
+
+
+def kernel_times(runner, nodes, runs=5):
+    """GPU time per node of each kernel (its own span: with PDL a kernel may start, and wait, while its
+    predecessor runs) and the busy time (union of all spans), in µs, over `runs` runs of the chain."""
+    from torch.profiler import ProfilerActivity, profile
+    runner.run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            runner.run()
+        torch.cuda.synchronize()
+    spans, names = [], {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            spans.append((e.time_range.start, e.time_range.end))
+            name = e.name.replace("(anonymous namespace)::", "").split("(")[0].split("::")[-1][:48]
+            names[name] = names.get(name, 0) + e.time_range.end - e.time_range.start
+    spans.sort()
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    per = runs * nodes
+    return {"busy_us": busy / per, "kernels_us": {n: round(t / per, 2) for n, t in sorted(names.items(), key=lambda kv: -kv[1])}}
 
 
 def find_thresholds(make_stats_runner, placement, fraction, Hq, G, n):
@@ -280,6 +309,7 @@ def main():
     parser.add_argument("--fractions", default="0.25,0.0625,0.015625")
     parser.add_argument("--placements", default="pre_softmax:sdc_exact+vmc,post_softmax:vmc")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--kernels", action="store_true", help="also profile each topt config: µs per node of each kernel")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}", flush=True)
@@ -291,7 +321,7 @@ def main():
                 layer_bytes = 2 * B * Hkv * (ctx + 1) * D * 2
                 n2 = int(max(3, min(12, 16e9 // layer_bytes)))
                 results += decode_config(B, Hq, Hkv, D, ctx, [float(f) for f in args.fractions.split(",")],
-                                         [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, n2))
+                                         [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, n2), args.kernels)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -301,6 +331,10 @@ def main():
         print(f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['context']} | {r['placement']} | {r['union_kept_fraction']:.4f} | "
               f"{r['topt_ms']:.4f} | {r['gqa_ms']:.4f} | {r['sdpa_ms']:.4f} | {r.get('attention23_ms', float('nan')):.4f} | "
               f"{r['topt_GBps']:.0f} | {r['speedup_vs_best_dense']:.2f}x |")
+    for r in results:
+        if "kernels" in r:
+            print(f"B={r['B']} {r['Hq']}/{r['Hkv']}/{r['D']} ctx={r['context']} {r['placement']}: busy {r['kernels']['busy_us']:.1f} µs/node; "
+                  + ", ".join(f"{n} {t}" for n, t in r["kernels"]["kernels_us"].items()))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ run|models|profile)
   [ -f .devx/t/t.json ] && cp .devx/t/*.json "$W/"  # carried once; later calls reuse them
   t0=$(date +%s)
   [ -d "$W/hf" ] || python3 -c "from topt_compile.frontends.export import save_smollm2_hf; save_smollm2_hf('$W/hf')"
-  [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda')"
+  # prune_lm_head: prompts compute the last position's logits only (a batch of 32 8K prompts would
+  # otherwise materialise 32·8000·49152 logits); decode steps are unchanged
+  [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda', {'prune_lm_head': 'true'})"
   echo "hf + builder: $(( $(date +%s) - t0 )) s"
   [ -d "$W/sparse16" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
   [ -d "$W/sparse16dp" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights --dense-prompt \

@@ -6,7 +6,8 @@
 // log-sum-exp and applies SDC/VMC (v̄ from past_v_sum + the new row).
 //   pre_softmax:  one pass (kMode = kPre), online max per head, exact SDC from the running Z.
 //   post_softmax: pass 1 (kScores) writes fp32 scores [B, Hq, Tbuf] and per-split (m, Z);
-//                 pass 2 (kPost) reads them back, keeps p_j = e_j / Z > θ, gathers V.
+//                 pass 2 (kPost) reads them back a chunk at a time, keeps p_j = e_j / Z > θ,
+//                 compacts the kept keys per warp and gathers their V rows.
 #include <algorithm>
 #include <type_traits>
 
@@ -400,11 +401,13 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   // Per-head row constants (uniform across the CTA).
   float theta[GM];
   bool dense[GM], row_nan[GM];
+  int64_t n_last = -1, column = 0;  // heads of one row length share the threshold column
 #pragma unroll
   for (int r = 0; r < GM; ++r) {
     const int64_t h = g * G + (r < G ? r : 0);
     const int64_t n = CountVisible<T>(p, n_keys, b, h, red);
-    const RowRule rule = GetRule(p, h, n);
+    if (n != n_last) { column = ThetaColumnWarp(p, n); n_last = n; }
+    const RowRule rule = RuleAt(p, h, n, column);
     theta[r] = rule.theta;
     dense[r] = rule.dense;
     row_nan[r] = false;
@@ -481,17 +484,6 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
     for (int e = 0; e < E; ++e) acc[r][e] = 0.f;
   int unions = 0;  // this warp's union count
 
-  // kPost: this lane's key scores (one key per lane < RW, GM heads) prefetched a tile ahead.
-  float spre[GM];
-  auto prefetch_scores = [&](int it) {
-    const int64_t j = lo + int64_t(it) * TK + row0 + lane;
-    const bool ok = it < ntiles && lane < RW && j < hi;
-#pragma unroll
-    for (int r = 0; r < GM; ++r)
-      spre[r] = (ok && r < G) ? ws.scores[(b * p.Hq + g * G + r) * ws.tbuf + j] : -INFINITY;
-  };
-  if constexpr (kMode == kPost) prefetch_scores(0);
-
   // V rows of the previous tile in flight: lane group `sub` holds kept rows sub, sub + RPW, ...
   constexpr int UV = 4;
   uint4 pend_v[UV];
@@ -519,166 +511,249 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
     return KvRow<T>(p.past_value, p.v_new, p, geo, b, g, t0 + k, D) + col * E;
   };
 
-  for (int it = 0; it < ntiles; ++it) {
-    const int64_t t0 = lo + int64_t(it) * TK;
-    const int buf = it & 1;
-    // 1) scores of this warp's rows.
-    float a_r[GM];
-    if constexpr (kMode != kPost) {
-      CpAsyncWait<kStages - 2>();
-      __syncthreads();  // tile `it` landed for every thread; the stage of tile it-1 is free
-      issue(it + kStages - 1);
-      const T* stage = kring + (it % kStages) * TK * D;
-      if constexpr (kMma) {
-        const unsigned sbase = static_cast<unsigned>(__cvta_generic_to_shared(stage));
-        const int mq = lane >> 3, gk = lane >> 2, hq = (lane & 3) * 2;
+  // kPost reads stored scores, so no key's work waits on another's: a chunk's score loads are
+  // issued at once, each warp compacts its kept keys, then gathers their V rows UV at a time with
+  // the next chunk's scores already in flight — a few memory round trips per chunk of CK keys,
+  // where the tile loop below pays about one per tile.
+  if constexpr (kMode == kPost) {
+    constexpr int SPT = GM <= 4 ? 8 : 4, CK = kThreads * SPT, LW = 32 * SPT;  // scores/thread, keys/chunk, list/warp
+    constexpr int UVP = 8;  // V rows in flight per lane group
+    __shared__ unsigned short klist[kWarps][LW];  // chunk offsets of the warp's kept keys
+    __shared__ float wlist[kWarps][GM][LW];       // their e_j per head (0 where the head drops the key)
+    const float* sbase = ws.scores + (b * p.Hq + g * G) * ws.tbuf;
+    float sreg[SPT][GM];
+    auto load_scores = [&](int64_t c0) {
 #pragma unroll
-        for (int mb = 0; mb < RW / 16; ++mb) {
-          const int rbase = row0 + mb * 16, lrow = rbase + (lane & 7) + (mq & 1) * 8;
-          float c[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int i = 0; i < SPT; ++i) {
+        const int64_t j = c0 + i * kThreads + tid;
 #pragma unroll
-          for (int ks = 0; ks < (kMma ? D / 16 : 1); ++ks) {
-            unsigned a[4];
-            LdMatrixX4(a, sbase + unsigned(Swz(lrow, ks * 2 + (mq >> 1))) * unsigned(sizeof(T)));
-            Mma16816<T>(c, a, qb[ks][0], qb[ks][1]);
-          }
-          if (hq < G) { sc[hq][rbase + gk] = c[0] * p.scale; sc[hq][rbase + gk + 8] = c[2] * p.scale; }
-          if (hq + 1 < G) { sc[hq + 1][rbase + gk] = c[1] * p.scale; sc[hq + 1][rbase + gk + 8] = c[3] * p.scale; }
-        }
-      } else {
+        for (int r = 0; r < GM; ++r) sreg[i][r] = (j < hi && r < G) ? __ldcs(sbase + r * ws.tbuf + j) : -INFINITY;
+      }
+    };
+    load_scores(lo);
+    for (int64_t c0 = lo; c0 < hi; c0 += CK) {
+      int count = 0;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int row = row0 + u * RPW + sub;
-        float kf[E];
-        Unpack16<T>(*reinterpret_cast<const uint4*>(stage + row * D + col * E), kf);
-        float v[GM];
+      for (int i = 0; i < SPT; ++i) {
+        const int off = i * kThreads + tid;  // warp w holds offsets i·kThreads + 32w + lane
+        const int64_t j = c0 + off;
+        bool any = false;
+        float w[GM];
 #pragma unroll
         for (int r = 0; r < GM; ++r) {
-          v[r] = 0.f;
-#pragma unroll
-          for (int e = 0; e < E; ++e) v[r] = fmaf(q[r][e], kf[e], v[r]);
-        }
-        // Reduce over the LPR lanes of the row while splitting the heads: at each of the first
-        // log2(GM) levels a lane keeps half of its heads; lane col ends with head col / (LPR/GM).
-#pragma unroll
-        for (int n = GM, o = LPR / 2; n > 1; n >>= 1, o >>= 1) {
-          const bool up = (col & o) != 0;
-#pragma unroll
-          for (int k = 0; k < n / 2; ++k) {
-            const float send = up ? v[k] : v[k + n / 2], keep = up ? v[k + n / 2] : v[k];
-            v[k] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-          }
-        }
-#pragma unroll
-        for (int o = LPR / (2 * GM); o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
-        if (col % (LPR / GM) == 0 && col / (LPR / GM) < G) sc[col / (LPR / GM)][row] = v[0];
-      }
-      }
-      __syncwarp();
-#pragma unroll
-      for (int r = 0; r < GM; ++r) a_r[r] = lane < RW ? sc[r][row0 + lane] : -INFINITY;
-    } else {
-#pragma unroll
-      for (int r = 0; r < GM; ++r) a_r[r] = spre[r];
-      prefetch_scores(it + 1);
-    }
-
-    // 2) decisions: lane < RW owns key j = t0 + row0 + lane.
-    const int64_t j = t0 + row0 + lane;
-    const bool in = lane < RW && j < hi;
-    bool vis_r[GM];
-#pragma unroll
-    for (int r = 0; r < GM; ++r) {
-      float add = 0.f;
-      vis_r[r] = in && r < G && (p.mask_kind == MaskKind::kNone || MaskVisible<T>(p, MaskBase(p, b, g * G + r, 0), j, add));
-      a_r[r] = vis_r[r] ? a_r[r] + (kMode == kPost ? 0.f : add) : -INFINITY;
-    }
-    if constexpr (kMode == kScores) {
-#pragma unroll
-      for (int r = 0; r < GM; ++r) {
-        if (!vis_r[r]) continue;
-        const float a = a_r[r];
-        ws.scores[(b * p.Hq + g * G + r) * ws.tbuf + j] = a;
-        if (isnan(a)) { nan_t[r] = true; continue; }
-        if (a == -INFINITY) continue;
-        if (a > m_run[r]) { z_t[r] = z_t[r] * __expf(m_run[r] - a) + 1.f; m_run[r] = a; }
-        else z_t[r] += __expf(a - m_run[r]);
-      }
-      __syncwarp();  // sc rows of this warp are rewritten next tile
-      continue;
-    } else {
-      float alpha[GM];
-#pragma unroll
-      for (int r = 0; r < GM; ++r) {
-        alpha[r] = 1.f;
-        if constexpr (kMode == kPre) {  // warp max → new running max (warp-uniform)
-          const float mn = fmaxf(m_run[r], WarpMax(a_r[r]));
-          alpha[r] = mn == -INFINITY ? 1.f : __expf(m_run[r] - mn);
-          m_run[r] = mn;
-          z_t[r] *= alpha[r];
-          d_t[r] *= alpha[r];
-          drop_t[r] *= alpha[r];
-        }
-      }
-      bool any = false;
-#pragma unroll
-      for (int r = 0; r < GM; ++r) {
-        float w = 0.f;
-        if (vis_r[r]) {
-          const float a = a_r[r];
+          float add;
+          const bool vis = j < hi && r < G &&
+                           (p.mask_kind == MaskKind::kNone || MaskVisible<T>(p, MaskBase(p, b, g * G + r, 0), j, add));
+          w[r] = 0.f;
+          if (!vis) continue;
+          const float a = sreg[i][r];
           if (isnan(a)) nan_t[r] = true;
           const float e = isnan(a) ? 0.f : __expf(a - m_run[r]);
-          bool keep;
-          if (dense[r] || row_nan[r]) keep = true;
-          else if (kMode == kPost) keep = e / gZ[r] > theta[r];
-          else keep = a > theta[r];
+          const bool keep = dense[r] || row_nan[r] || e / gZ[r] > theta[r];
           z_t[r] += e;
-          if (keep) { w = e; d_t[r] += e; kept_t[r] += 1; any = true; }
+          if (keep) { w[r] = e; d_t[r] += e; kept_t[r] += 1; any = true; }
           else drop_t[r] += e;
         }
-        if (r < G && lane < RW) wts[buf][r][row0 + lane] = w;
+        const unsigned bal = __ballot_sync(0xffffffffu, any);
+        if (any) {
+          const int pos = count + __popc(bal & ((1u << lane) - 1u));
+          klist[warp][pos] = static_cast<unsigned short>(off);
+#pragma unroll
+          for (int r = 0; r < GM; ++r) wlist[warp][r][pos] = w[r];
+        }
+        count += __popc(bal);
       }
-      // 3) this warp's kept rows: ballot → compacted list.
-      const unsigned bal = __ballot_sync(0xffffffffu, any);
-      const int count = __popc(bal);
-      if (any) idx[warp][__popc(bal & ((1u << lane) - 1u))] = static_cast<unsigned char>(row0 + lane);
       unions += count;
       __syncwarp();
-
-      // 4) rescale, finish the previous tile's rows, gather this tile's (first UV·RPW rows in
-      // flight until the next tile; the rest now).
-      if constexpr (kMode == kPre) {
+      if (c0 + CK < hi) load_scores(c0 + CK);
+      const bool all_past = c0 + CK <= geo.past_rows;
+      for (int c = sub; c < count; c += RPW * UVP) {
+        uint4 v[UVP];
 #pragma unroll
-        for (int r = 0; r < GM; ++r)
+        for (int u = 0; u < UVP; ++u) {
+          const int x = c + u * RPW;
+          if (x >= count) continue;
+          const int64_t j = c0 + klist[warp][x];
+          const T* row = all_past ? static_cast<const T*>(p.past_value) + ((b * p.Hkv + g) * geo.past_len + j) * D
+                                  : KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, D);
+          v[u] = __ldcs(reinterpret_cast<const uint4*>(row + col * E));
+        }
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[r][e] *= alpha[r];
-      }
-      consume(buf ^ 1, alpha);
-      for (int c = sub + RPW * UV; c < count; c += RPW) {
-        const int k = idx[warp][c];
-        float vf[E];
-        Unpack16<T>(__ldcs(reinterpret_cast<const uint4*>(vrow(t0, k))), vf);
+        for (int u = 0; u < UVP; ++u) {
+          const int x = c + u * RPW;
+          if (x >= count) continue;
+          float vf[E];
+          Unpack16<T>(v[u], vf);
 #pragma unroll
-        for (int r = 0; r < GM; ++r) {
-          const float w = r < G ? wts[buf][r][k] : 0.f;
+          for (int r = 0; r < GM; ++r) {
+            if (r >= G) continue;
+            const float wr = wlist[warp][r][x];
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[r][e] = fmaf(w, vf[e], acc[r][e]);
+            for (int e = 0; e < E; ++e) acc[r][e] = fmaf(wr, vf[e], acc[r][e]);
+          }
         }
       }
-#pragma unroll
-      for (int u = 0; u < UV; ++u) {
-        const int c = sub + u * RPW;
-        pend_k[u] = c < count ? idx[warp][c] : -1;
-        if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, pend_k[u])));
-      }
-      __syncwarp();  // idx/sc of this warp are rewritten next tile
+      __syncwarp();  // the lists are rewritten by the next chunk
     }
   }
-  if constexpr (kMode != kScores) {
-    float one[GM];
+
+  if constexpr (kMode != kPost) {  // kPre, kScores: the K tiles through the cp.async ring
+    for (int it = 0; it < ntiles; ++it) {
+      const int64_t t0 = lo + int64_t(it) * TK;
+      const int buf = it & 1;
+      // 1) scores of this warp's rows.
+      float a_r[GM];
+      {
+        CpAsyncWait<kStages - 2>();
+        __syncthreads();  // tile `it` landed for every thread; the stage of tile it-1 is free
+        issue(it + kStages - 1);
+        const T* stage = kring + (it % kStages) * TK * D;
+        if constexpr (kMma) {
+          const unsigned sbase = static_cast<unsigned>(__cvta_generic_to_shared(stage));
+          const int mq = lane >> 3, gk = lane >> 2, hq = (lane & 3) * 2;
 #pragma unroll
-    for (int r = 0; r < GM; ++r) one[r] = 1.f;
-    consume((ntiles + 1) & 1, one);  // the last tile's rows
+          for (int mb = 0; mb < RW / 16; ++mb) {
+            const int rbase = row0 + mb * 16, lrow = rbase + (lane & 7) + (mq & 1) * 8;
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int ks = 0; ks < (kMma ? D / 16 : 1); ++ks) {
+              unsigned a[4];
+              LdMatrixX4(a, sbase + unsigned(Swz(lrow, ks * 2 + (mq >> 1))) * unsigned(sizeof(T)));
+              Mma16816<T>(c, a, qb[ks][0], qb[ks][1]);
+            }
+            if (hq < G) { sc[hq][rbase + gk] = c[0] * p.scale; sc[hq][rbase + gk + 8] = c[2] * p.scale; }
+            if (hq + 1 < G) { sc[hq + 1][rbase + gk] = c[1] * p.scale; sc[hq + 1][rbase + gk + 8] = c[3] * p.scale; }
+          }
+        } else {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int row = row0 + u * RPW + sub;
+          float kf[E];
+          Unpack16<T>(*reinterpret_cast<const uint4*>(stage + row * D + col * E), kf);
+          float v[GM];
+#pragma unroll
+          for (int r = 0; r < GM; ++r) {
+            v[r] = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) v[r] = fmaf(q[r][e], kf[e], v[r]);
+          }
+          // Reduce over the LPR lanes of the row while splitting the heads: at each of the first
+          // log2(GM) levels a lane keeps half of its heads; lane col ends with head col / (LPR/GM).
+#pragma unroll
+          for (int n = GM, o = LPR / 2; n > 1; n >>= 1, o >>= 1) {
+            const bool up = (col & o) != 0;
+#pragma unroll
+            for (int k = 0; k < n / 2; ++k) {
+              const float send = up ? v[k] : v[k + n / 2], keep = up ? v[k + n / 2] : v[k];
+              v[k] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+            }
+          }
+#pragma unroll
+          for (int o = LPR / (2 * GM); o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+          if (col % (LPR / GM) == 0 && col / (LPR / GM) < G) sc[col / (LPR / GM)][row] = v[0];
+        }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int r = 0; r < GM; ++r) a_r[r] = lane < RW ? sc[r][row0 + lane] : -INFINITY;
+      }
+
+      // 2) decisions: lane < RW owns key j = t0 + row0 + lane.
+      const int64_t j = t0 + row0 + lane;
+      const bool in = lane < RW && j < hi;
+      bool vis_r[GM];
+#pragma unroll
+      for (int r = 0; r < GM; ++r) {
+        float add = 0.f;
+        vis_r[r] = in && r < G && (p.mask_kind == MaskKind::kNone || MaskVisible<T>(p, MaskBase(p, b, g * G + r, 0), j, add));
+        a_r[r] = vis_r[r] ? a_r[r] + add : -INFINITY;
+      }
+      if constexpr (kMode == kScores) {
+#pragma unroll
+        for (int r = 0; r < GM; ++r) {
+          if (!vis_r[r]) continue;
+          const float a = a_r[r];
+          ws.scores[(b * p.Hq + g * G + r) * ws.tbuf + j] = a;
+          if (isnan(a)) { nan_t[r] = true; continue; }
+          if (a == -INFINITY) continue;
+          if (a > m_run[r]) { z_t[r] = z_t[r] * __expf(m_run[r] - a) + 1.f; m_run[r] = a; }
+          else z_t[r] += __expf(a - m_run[r]);
+        }
+        __syncwarp();  // sc rows of this warp are rewritten next tile
+        continue;
+      } else {
+        float alpha[GM];
+#pragma unroll
+        for (int r = 0; r < GM; ++r) {
+          alpha[r] = 1.f;
+          if constexpr (kMode == kPre) {  // warp max → new running max (warp-uniform)
+            const float mn = fmaxf(m_run[r], WarpMax(a_r[r]));
+            alpha[r] = mn == -INFINITY ? 1.f : __expf(m_run[r] - mn);
+            m_run[r] = mn;
+            z_t[r] *= alpha[r];
+            d_t[r] *= alpha[r];
+            drop_t[r] *= alpha[r];
+          }
+        }
+        bool any = false;
+#pragma unroll
+        for (int r = 0; r < GM; ++r) {
+          float w = 0.f;
+          if (vis_r[r]) {
+            const float a = a_r[r];
+            if (isnan(a)) nan_t[r] = true;
+            const float e = isnan(a) ? 0.f : __expf(a - m_run[r]);
+            bool keep;
+            if (dense[r] || row_nan[r]) keep = true;
+            else keep = a > theta[r];
+            z_t[r] += e;
+            if (keep) { w = e; d_t[r] += e; kept_t[r] += 1; any = true; }
+            else drop_t[r] += e;
+          }
+          if (r < G && lane < RW) wts[buf][r][row0 + lane] = w;
+        }
+        // 3) this warp's kept rows: ballot → compacted list.
+        const unsigned bal = __ballot_sync(0xffffffffu, any);
+        const int count = __popc(bal);
+        if (any) idx[warp][__popc(bal & ((1u << lane) - 1u))] = static_cast<unsigned char>(row0 + lane);
+        unions += count;
+        __syncwarp();
+
+        // 4) rescale, finish the previous tile's rows, gather this tile's (first UV·RPW rows in
+        // flight until the next tile; the rest now).
+        if constexpr (kMode == kPre) {
+#pragma unroll
+          for (int r = 0; r < GM; ++r)
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][e] *= alpha[r];
+        }
+        consume(buf ^ 1, alpha);
+        for (int c = sub + RPW * UV; c < count; c += RPW) {
+          const int k = idx[warp][c];
+          float vf[E];
+          Unpack16<T>(__ldcs(reinterpret_cast<const uint4*>(vrow(t0, k))), vf);
+#pragma unroll
+          for (int r = 0; r < GM; ++r) {
+            const float w = r < G ? wts[buf][r][k] : 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][e] = fmaf(w, vf[e], acc[r][e]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < UV; ++u) {
+          const int c = sub + u * RPW;
+          pend_k[u] = c < count ? idx[warp][c] : -1;
+          if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, pend_k[u])));
+        }
+        __syncwarp();  // idx/sc of this warp are rewritten next tile
+      }
+    }
+    if constexpr (kMode == kPre) {
+      float one[GM];
+#pragma unroll
+      for (int r = 0; r < GM; ++r) one[r] = 1.f;
+      consume((ntiles + 1) & 1, one);  // the last tile's rows
+    }
   }
   if constexpr (kMode != kPost) CpAsyncWait<0>();
   LaunchDependents();  // the next kernel (pass 2 / merge) may start launching during the epilogue
@@ -861,7 +936,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
   }
   const int64_t n = int64_t(rec(0)[kNF]);
   const int64_t kept = t[5] > 0.f ? n : int64_t(t[3]);  // a NaN row keeps every visible key
-  const RowRule rule = GetRule(p, h, n);
+  const RowRule rule = GetRuleWarp(p, h, n);
   const OutWeights ow = RowWeights(p, rule, n, kept, M, t[5] > 0.f, t[0], t[1], t[2]);
 
   // acc = Σ_s fs[s] · acc_s: warp w sums splits w, w + NWM, ...; lane c holds columns 4c..4c+3.

@@ -73,3 +73,30 @@ def test_the_node_runs_on_the_cuda_ep(topt_library):
     events = json.load(open(session.end_profiling()))
     providers = {e["args"].get("provider") for e in events if e.get("name", "").startswith("tta")}
     assert providers == {"CUDAExecutionProvider"}, providers
+
+
+@pytest.mark.parametrize("columns", [40, 600, 1500])
+@pytest.mark.parametrize("placement,compensation", [("post_softmax", "vmc"), ("pre_softmax", "sdc_exact+vmc")])
+def test_decode_with_a_long_calibrated_table_picks_each_rows_column(cuda_session, columns, placement, compensation):
+    # Calibrated tables have hundreds of length columns (SmolLM2 at 8K: 507); the decode kernels find
+    # a row's column by a warp-wide search of 2–3 rounds. Rows of different lengths (past_seqlens per
+    # batch row) must land on the reference's column: the kept counts in stats are compared exactly.
+    case = Case(B=4, Hq=9, Hkv=3, S=1, Skv=1, P=2000, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
+                placement=placement, compensation=compensation, with_past_v_sum=True, seed=100 + columns)
+    inputs = make_inputs(case)
+    rng = np.random.default_rng(columns)
+    lengths = np.sort(rng.choice(case.P + 2, columns, replace=False)).astype(np.int64)
+    inputs["threshold_lengths"] = lengths
+    if placement == "post_softmax":  # around 1/n for each column, with a different draw per column
+        inputs["thresholds"] = (rng.uniform(0.3, 3.0, (case.Hq, columns)) / (np.maximum(lengths, 1) + 4)).astype(np.float32)
+    else:
+        inputs["thresholds"] = rng.uniform(-0.5, 2.5, (case.Hq, columns)).astype(np.float32)
+    expected = reference_outputs(case, inputs)
+    got = cuda_session(one_op_model(case, inputs)).run(list(OUTPUTS), feeds(inputs))
+    for name, g, e in zip(OUTPUTS, got, expected):
+        if name == "Y":
+            np.testing.assert_allclose(g.astype(np.float64), e.astype(np.float64), atol=3e-3, rtol=3e-3, err_msg=f"{case} Y")
+        elif name == "present_v_sum":
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-3, err_msg=f"{case} {name}")
+        else:
+            np.testing.assert_array_equal(g, e, err_msg=f"{case} {name}")

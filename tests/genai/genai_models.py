@@ -74,16 +74,17 @@ def tiny_hf_folder() -> Path:
     return _build_dir(CACHE / _key("tiny-llama-hf"), build)
 
 
-def run_builder(hf: Path, out: Path, precision: str, provider: str) -> None:
+def run_builder(hf: Path, out: Path, precision: str, provider: str, extra_options: dict | None = None) -> None:
     from topt_compile.frontends.genai import run_model_builder
-    run_model_builder(hf, out, precision, provider)
+    run_model_builder(hf, out, precision, provider, extra_options)
 
 
-def genai_folder(precision: str = "fp32", provider: str = "cpu") -> Path:
-    """The builder's folder for the tiny LLaMA (cached)."""
+def genai_folder(precision: str = "fp32", provider: str = "cpu", extra_options: dict | None = None) -> Path:
+    """The builder's folder for the tiny LLaMA (cached); extra_options: the builder's --extra_options."""
     hf = tiny_hf_folder()
-    return _build_dir(CACHE / _key(f"tiny-llama-{precision}-{provider}"),
-                      lambda out: run_builder(hf, out, precision, provider))
+    options = "".join(f"-{k}-{v}" for k, v in sorted((extra_options or {}).items()))
+    return _build_dir(CACHE / _key(f"tiny-llama-{precision}-{provider}{options}"),
+                      lambda out: run_builder(hf, out, precision, provider, extra_options))
 
 
 def cpu_copy(folder: Path, dest: Path) -> Path:

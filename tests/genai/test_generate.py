@@ -44,6 +44,20 @@ def test_compiled_folder_generates_the_dense_tokens_at_theta_minus_inf_in_a_batc
     assert sparse.shape == (2, 12) and ((0 <= sparse) & (sparse < 300)).all()
 
 
+def test_a_pruned_lm_head_folder_compiles_and_generates_the_dense_tokens(dense, tmp_path):
+    # prune_lm_head (the builder's option for batches of long prompts: logits of the last position
+    # only) changes the graph's tail, not its attention: the compiled folder still matches every layer.
+    pruned = genai_folder("fp32", "cpu", {"prune_lm_head": "true"})
+    assert InPlaceDecoder(pruned / "model.onnx", "cpu", 1, 8, library=None).session.get_outputs()[0].shape[1] == 1
+    out = tmp_path / "sparse"
+    assert len(genai.compile_folder(pruned, out, theta=float("-inf"), k=2).matched) == LAYERS
+    prompts = np.asarray([PROMPT, PROMPT[::-1]])
+    want, _ = InPlaceDecoder(dense / "model.onnx", "cpu", 2, 40, library=None).greedy(prompts, 12)
+    for folder, library in ((pruned, None), (out, "auto")):
+        got, _ = InPlaceDecoder(folder / "model.onnx", "cpu", 2, 40, library=library).greedy(prompts, 12)
+        assert got.tolist() == want.tolist()
+
+
 def test_a_step_past_the_buffer_or_an_unknown_provider_is_a_one_line_error(dense):
     decoder = InPlaceDecoder(dense / "model.onnx", "cpu", batch=1, max_length=8, library=None)
     with pytest.raises(ModelError, match="input_ids: expected batch 1 and at most 8 more tokens"):

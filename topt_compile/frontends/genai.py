@@ -27,14 +27,18 @@ LIBRARY_KEY = "custom_ops_library"  # model.decoder.session_options.custom_ops_l
 
 
 def run_model_builder(hf_folder: str | os.PathLike, output: str | os.PathLike, precision: str = "fp16",
-                      provider: str = "cuda") -> Path:
-    """onnxruntime-genai's model builder on a local Hugging Face folder → a genai folder (dense)."""
+                      provider: str = "cuda", extra_options: dict[str, str] | None = None) -> Path:
+    """onnxruntime-genai's model builder on a local Hugging Face folder → a genai folder (dense).
+    extra_options: the builder's --extra_options, e.g. {"prune_lm_head": "true"} (logits of the last
+    position only: a batch of long prompts otherwise materialises B·S·vocab logits)."""
     import subprocess
     import sys
     output = Path(output)
     cache = output.parent / f".{output.name}.builder-cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", os.fspath(hf_folder), "-o", os.fspath(output),
            "-p", precision, "-e", provider, "-c", os.fspath(cache)]
+    if extra_options:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
