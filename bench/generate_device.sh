@@ -40,8 +40,9 @@ run|models|profile)
   # otherwise materialise 32·8000·49152 logits); decode steps are unchanged
   [ -d "$W/dense16" ] || python3 -c "from topt_compile.frontends.genai import run_model_builder; run_model_builder('$W/hf', '$W/dense16', 'fp16', 'cuda', {'prune_lm_head': 'true'})"
   echo "hf + builder: $(( $(date +%s) - t0 )) s"
-  [ -d "$W/sparse16" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
-  [ -d "$W/sparse16dp" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights --dense-prompt \
+  # the default table's models, unless another table is asked for
+  [ -n "${TABLE:-}" ] || [ -d "$W/sparse16" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights -o "$W/sparse16" | tail -2
+  [ -n "${TABLE:-}" ] || [ -d "$W/sparse16dp" ] || python3 -m topt_compile.cli "$W/dense16" --thresholds "$W/t.json" --same-weights --dense-prompt \
     -o "$W/sparse16dp" | tail -1
   # another table: TABLE=t256.json SPARSE=sparse16k256 compiles it once under that name
   if [ -n "${TABLE:-}" ] && [ ! -d "$W/$SPARSE" ]; then

@@ -728,15 +728,28 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
             for (int e = 0; e < E; ++e) acc[r][e] *= alpha[r];
         }
         consume(buf ^ 1, alpha);
-        for (int c = sub + RPW * UV; c < count; c += RPW) {
-          const int k = idx[warp][c];
-          float vf[E];
-          Unpack16<T>(__ldcs(reinterpret_cast<const uint4*>(vrow(t0, k))), vf);
+        // the rest now, UV rows in flight per round: real rows keep whole runs of keys (the
+        // first and the latest ones), so a tile can keep all 32 of a warp's rows
+        for (int c0 = sub + RPW * UV; c0 < count; c0 += RPW * UV) {
+          uint4 now_v[UV];
+          int now_k[UV];
 #pragma unroll
-          for (int r = 0; r < GM; ++r) {
-            const float w = r < G ? wts[buf][r][k] : 0.f;
+          for (int u = 0; u < UV; ++u) {
+            const int c = c0 + u * RPW;
+            now_k[u] = c < count ? idx[warp][c] : -1;
+            if (now_k[u] >= 0) now_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, now_k[u])));
+          }
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[r][e] = fmaf(w, vf[e], acc[r][e]);
+          for (int u = 0; u < UV; ++u) {
+            if (now_k[u] < 0) continue;
+            float vf[E];
+            Unpack16<T>(now_v[u], vf);
+#pragma unroll
+            for (int r = 0; r < GM; ++r) {
+              const float w = r < G ? wts[buf][r][now_k[u]] : 0.f;
+#pragma unroll
+              for (int e = 0; e < E; ++e) acc[r][e] = fmaf(w, vf[e], acc[r][e]);
+            }
           }
         }
 #pragma unroll

@@ -110,6 +110,18 @@ def test_t_json_round_trips(tiny_calibrated, tmp_path):
     assert json.loads(json.dumps(loaded.calibration)) == loaded.calibration
 
 
+def test_a_gzipped_t_json_loads_and_a_corrupt_one_is_named(tiny_calibrated, tmp_path):
+    import gzip
+    _, out, table = tiny_calibrated
+    packed = tmp_path / "t.json.gz"
+    packed.write_bytes(gzip.compress(out.read_bytes()))
+    assert ThresholdTable.load(packed).sites == table.sites
+    broken = tmp_path / "broken.json.gz"
+    broken.write_bytes(out.read_bytes())  # not gzip
+    with pytest.raises(ThresholdsError, match=r"broken\.json\.gz: not a gzipped JSON table"):
+        ThresholdTable.load(broken)
+
+
 def test_a_table_of_another_model_is_refused_naming_the_fingerprint(tiny_calibrated, tmp_path):
     _, out, _ = tiny_calibrated
     other = export(ExportSpec("llama", "dynamo", None, "sdpa", False))  # no KV cache: other graph inputs

@@ -13,6 +13,7 @@ Every error is one line naming the field: `sites.layer3.thresholds[2]: expected 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 import os
@@ -124,13 +125,16 @@ class ThresholdTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ThresholdTable":
+        opener = gzip.open if os.fspath(path).endswith(".gz") else open  # big tables travel gzipped
         try:
-            with open(path, encoding="utf-8") as f:
+            with opener(path, "rt", encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
             raise ThresholdsError(f"{os.fspath(path)}: no such file") from None
         except json.JSONDecodeError as e:
             raise ThresholdsError(f"{os.fspath(path)}: not JSON ({e.msg} at line {e.lineno})") from None
+        except (gzip.BadGzipFile, EOFError, UnicodeDecodeError) as e:
+            raise ThresholdsError(f"{os.fspath(path)}: not a gzipped JSON table ({e})") from None
         try:
             return cls.from_json(data)
         except ThresholdsError as e:
