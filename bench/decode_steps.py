@@ -32,9 +32,9 @@ def main() -> int:
     args = p.parse_args()
     prompt = np.asarray(prompts(Tokenizer(args.model.parent), args.batch, args.length, args.seed + args.length), np.int64)
     decoder = InPlaceDecoder(args.model, args.provider, args.batch, args.length + args.steps + 1)
-    token = decoder.step(prompt).argmax(-1)[:, None]
+    token = decoder.next_tokens(prompt)[:, None]
     for _ in range(args.steps):
-        token = decoder.step(token).argmax(-1)[:, None]
+        token = decoder.next_tokens(token)[:, None]
     print("tokens", token[:, 0].tolist())
     return 0
 

@@ -66,12 +66,11 @@ def attention_share(decoder: InPlaceDecoder, prompt: np.ndarray, steps: int = 8)
     except ImportError:
         return None
     decoder.reset()
-    logits = decoder.step(prompt)
-    token = logits.argmax(-1)[:, None]
+    token = decoder.next_tokens(prompt)[:, None]
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            token = decoder.step(token).argmax(-1)[:, None]
+            token = decoder.next_tokens(token)[:, None]
     spans, attn_spans, names = [], [], {}
     for e in prof.events():
         if e.device_type.name != "CUDA":
@@ -168,13 +167,16 @@ def to_markdown(rows, args) -> str:
     for r in rows:
         share = r.get("attention") or {}
         sh = " / ".join(f"{share[n]['share']:.0%}" if share.get(n) else "n/a" for n in ("dense", "sparse")) if share else "–"
+        if share and all(share.get(n) for n in ("dense", "sparse")):
+            sh += f" (GPU busy {share['dense']['gpu_ms_per_step']:.2f} / {share['sparse']['gpu_ms_per_step']:.2f} ms)"
         lines.append(f"| {r['batch']} | {r['length']} | {r['dense_step_ms']:.2f} | {r['sparse_step_ms']:.2f} | "
                      f"{r['dense_tok_s']:.0f} | {r['sparse_tok_s']:.0f} | {r['speedup']:.2f}× | "
                      f"{r['agree_rows']}/{r['batch']} | {r['first_difference']} | {sh} |")
     graph = (" Decode steps replay a CUDA graph captured by onnxruntime (enable_cuda_graph; inputs updated in "
              "place, attention mask [B, max_length] as onnxruntime-genai's static buffers).") if args.cuda_graph else ""
     lines += ["", "Step: median wall time of a decode step (one token per row, synchronous run with I/O binding; "
-              f"the KV cache stays on the device in place).{graph} Prefill is not part of tok/s. "
+              "the KV cache stays on the device in place; the next tokens are picked where the logits are, "
+              f"as onnxruntime-genai's greedy search: B token ids come back).{graph} Prefill is not part of tok/s. "
               f"First difference: index of the first generated token that differs from dense (None: all {args.new_tokens} equal)."]
     return "\n".join(lines) + "\n"
 

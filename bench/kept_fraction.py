@@ -35,10 +35,10 @@ def decode_stats(model: Path, provider: str, prompt: np.ndarray, steps: int) -> 
     names = [o.name for o in decoder.session.get_outputs() if o.name.endswith(".stats")]
     for name in names:
         decoder.binding.bind_output(name, "cpu")
-    token = decoder.step(prompt).argmax(-1)[:, None]
+    token = decoder.next_tokens(prompt)[:, None]
     sums = {}
     for _ in range(steps):
-        token = decoder.step(token).argmax(-1)[:, None]
+        token = decoder.next_tokens(token)[:, None]
         outs = dict(zip([o.name for o in decoder.session.get_outputs()], decoder.binding.get_outputs()))
         for name in names:
             site = name.removeprefix("topt.").removesuffix(".stats")

@@ -7,8 +7,10 @@
 For onnxruntime-genai folders (the model builder's GroupQueryAttention models, dense or compiled by
 topt-compile): every past_key_values.N.key/value is one [B, Hkv, max_length, Dh] buffer on the
 device, bound as both the past input and the present output (I/O binding), so a step writes only
-its new rows and copies nothing (op.md, kv_layout `shared_buffer`). Only the last position's
-logits come back to the host.
+its new rows and copies nothing (op.md, kv_layout `shared_buffer`). Greedy decoding picks each
+token where the logits are (on the device with the CUDA EP), as onnxruntime-genai's greedy search
+does: B token ids come back, not B·vocab logits (numpy takes ~5 ms to convert or scan 32 rows of 49152 fp16 logits, more than
+the GPU work of a whole SmolLM2 step).
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ class InPlaceDecoder:
             self.binding.bind_ortvalue_output(name.replace("past_key_values", "present"), buf)
         self.position = 0
         self.graph = self._static_inputs(ort, inputs) if cuda_graph or static_inputs else None
+        self.pick = _DeviceArgmax(ort, self.session.get_outputs()[0].type, provider)
 
     def _static_inputs(self, ort, inputs) -> dict:
         """Decode steps with every input and output at a fixed device address, updated in place, as
@@ -149,23 +152,58 @@ class InPlaceDecoder:
         self.position += 1
         return g["logits"].numpy()[:, -1].astype(np.float32) if logits else None
 
+    def next_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Runs ids [B, S] (as `step`) and returns the greedy next token of each row [B] (int64)."""
+        self.step(ids, logits=False)
+        logits = self.graph["logits"] if self.graph is not None and ids.shape[1] == 1 else self.binding.get_outputs()[0]
+        return self.pick(logits)
+
     def greedy(self, prompt: np.ndarray, new_tokens: int, prefill_chunk: int | None = None) -> tuple[np.ndarray, Timing]:
         """Greedy continuation of prompt [B, L]: the prompt (in chunks of `prefill_chunk` tokens if
         given: a long prompt's logits are L·vocab; ORT's GroupQueryAttention takes chunks after a past
-        only at batch 1), then one step per token."""
+        only at batch 1), then one step per token. A step's time includes picking its tokens."""
         self.reset()
         t0 = time.perf_counter()
         chunk = prefill_chunk or prompt.shape[1]
-        for start in range(0, prompt.shape[1], chunk):
-            logits = self.step(prompt[:, start:start + chunk], logits=start + chunk >= prompt.shape[1])
+        for start in range(0, prompt.shape[1] - chunk, chunk):
+            self.step(prompt[:, start:start + chunk], logits=False)
+        tokens, steps = [self.next_tokens(prompt[:, (prompt.shape[1] - 1) // chunk * chunk:])], []
         prefill = time.perf_counter() - t0
-        tokens, steps = [logits.argmax(-1)], []
         for _ in range(new_tokens - 1):
             t0 = time.perf_counter()
-            logits = self.step(tokens[-1][:, None])
+            tokens.append(self.next_tokens(tokens[-1][:, None]))
             steps.append(time.perf_counter() - t0)
-            tokens.append(logits.argmax(-1))
         return np.stack(tokens, 1), Timing(prefill, steps)
 
     def end_profiling(self) -> str:
         return self.session.end_profiling()
+
+
+class _DeviceArgmax:
+    """argmax over the vocabulary of the last position of logits [B, S, V] that stay on the device:
+    a one-node onnxruntime session (Slice + ArgMax; first index on ties, as numpy)."""
+
+    def __init__(self, ort, logits_type: str, provider: str):
+        from onnx import TensorProto, helper
+        elem = TensorProto.FLOAT16 if "float16" in logits_type else TensorProto.FLOAT
+        graph = helper.make_graph(
+            [helper.make_node("Slice", ["logits", "minus_one", "int_max", "one"], ["last"]),
+             helper.make_node("ArgMax", ["last"], ["next"], axis=-1, keepdims=0)],
+            "greedy_pick",
+            [helper.make_tensor_value_info("logits", elem, ["B", "S", "V"])],
+            [helper.make_tensor_value_info("next", TensorProto.INT64, ["B", 1])],
+            [helper.make_tensor("minus_one", TensorProto.INT64, [1], [-1]),
+             helper.make_tensor("int_max", TensorProto.INT64, [1], [2 ** 62]),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1])])
+        # IR 8 (opset 17): any onnxruntime since 1.11 loads it, whatever onnx made this
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=[PROVIDERS[provider]])
+        self.binding = self.session.io_binding()
+
+    def __call__(self, logits) -> np.ndarray:
+        self.binding.bind_ortvalue_input("logits", logits)
+        self.binding.bind_output("next", "cpu")
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()[:, 0]

@@ -22,18 +22,10 @@ bool WantsVSumState(const TopThetaParams& p) {
   return p.kv_layout == KvLayout::kSharedBuffer && p.past_value && p.present_value == p.past_value && !p.past_v_sum &&
          p.mask_kind == MaskKind::kNone && (p.vmc || p.present_v_sum);
 }
-}  // namespace
-
-CudaNodeState::~CudaNodeState() {
-  for (auto* map : {&scratch_, &front_})
-    for (auto& [stream, sc] : *map)
-      if (sc.p) cudaFree(sc.p);  // synchronizes: no launch still uses it
-  for (auto& [key, st] : vsum_states_) cudaFree(st.sum);
-}
 
 // Grows `sc` to at least `bytes` (at least `min_cap`): the old buffer is freed after the calls
 // queued on it. Returns whether it grew.
-bool CudaNodeState::Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream_t stream, const Attributes& attributes) {
+bool Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream_t stream, const Attributes& attributes) {
   if (sc.cap >= bytes) return false;
   if (sc.p) cudaFreeAsync(sc.p, stream);
   sc = Scratch{};
@@ -42,12 +34,40 @@ bool CudaNodeState::Grow(Scratch& sc, int64_t bytes, int64_t min_cap, cudaStream
   sc.cap = cap;
   return true;
 }
+}  // namespace
 
-void* CudaNodeState::FrontScratch(int64_t bytes, bool decode, cudaStream_t stream, const Attributes& attributes) {
-  std::lock_guard<std::mutex> lock(mu_);
-  Scratch& sc = front_[ScratchKey{stream, decode}];
-  Grow(sc, bytes, 1 << 16, stream, attributes);
+std::shared_ptr<PromptScratchPool> PromptScratchPool::Get() {
+  static std::mutex registry_mu;
+  static std::weak_ptr<PromptScratchPool> registry;  // not owning: the pool goes with its last node
+  std::lock_guard<std::mutex> lock(registry_mu);
+  auto pool = registry.lock();
+  if (!pool) registry = pool = std::make_shared<PromptScratchPool>();
+  return pool;
+}
+
+PromptScratchPool::~PromptScratchPool() {
+  for (auto& [stream, sc] : buffers_)
+    if (sc.p) cudaFree(sc.p);  // synchronizes: no launch still uses it
+}
+
+void* PromptScratchPool::Take(int64_t bytes, cudaStream_t stream, const Attributes& attributes) {
+  Scratch& sc = buffers_[stream];
+  Grow(sc, bytes, 1 << 20, stream, attributes);
   return sc.p;
+}
+
+CudaNodeState::~CudaNodeState() {
+  for (auto& [key, sc] : scratch_)
+    if (sc.p) cudaFree(sc.p);  // synchronizes: no launch still uses it
+  for (auto& [stream, sc] : front_)
+    if (sc.p) cudaFree(sc.p);
+  for (auto& [key, st] : vsum_states_) cudaFree(st.sum);
+}
+
+void* CudaNodeState::DecodeFrontScratch(int64_t bytes, cudaStream_t stream, const Attributes& attributes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Grow(front_[stream], bytes, 1 << 16, stream, attributes);
+  return front_[stream].p;
 }
 
 CudaNodeState::VSumState& CudaNodeState::StateFor(const TopThetaParams& p, cudaStream_t stream, const Attributes& attributes) {
@@ -114,10 +134,17 @@ OrtStatusPtr TopThetaGqaCudaKernel::ComputeV2(OrtKernelContext* context) {
     const Attributes& a = attributes.base;
     GqaCall call = GqaCallFromContext(context, attributes, /*values_on_host=*/false);
     auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
-    PlaceGqaScratch(call, state.FrontScratch(call.scratch_bytes, call.p.S == 1, stream, a));
+    if (call.p.S == 1) {
+      PlaceGqaScratch(call, state.DecodeFrontScratch(call.scratch_bytes, stream, a));
+      Check(LaunchGqaPrep(call.prep, stream), a, "CUDA launch failed");
+      state.Launch(call.p, stream, a);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(state.prompt_pool->mu);  // until the kernels using it are enqueued
+    PlaceGqaScratch(call, state.prompt_pool->Take(call.scratch_bytes, stream, a));
     Check(LaunchGqaPrep(call.prep, stream), a, "CUDA launch failed");
     state.Launch(call.p, stream, a);
-    if (call.p.S != 1) Check(LaunchGqaOutput(call.out, stream), a, "CUDA launch failed");
+    Check(LaunchGqaOutput(call.out, stream), a, "CUDA launch failed");
   });
 }
 

@@ -55,3 +55,16 @@ def test_the_compiled_model_needs_no_copy_to_the_device(folders, topt_library, t
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
     assert "TopThetaGroupQueryAttention" in ops
     assert not [op for op in ops if op.startswith("Memcpy")], ops
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_tokens_picked_on_the_device_are_numpys_argmax_of_the_fp16_logits(folders, topt_library, graph):
+    folder, _ = folders["sparse"]
+    decoder = InPlaceDecoder(folder / "model.onnx", "cuda", 2, 96, library=topt_library, cuda_graph=graph)
+    token = PROMPTS
+    for _ in range(6):  # steps 3+ replay the graph
+        want = decoder.step(token).argmax(-1)
+        decoder.position -= token.shape[1]  # the same call again: its rows are rewritten in place
+        got = decoder.next_tokens(token)
+        assert got.tolist() == want.tolist()
+        token = got[:, None]

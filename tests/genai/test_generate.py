@@ -5,7 +5,7 @@ import pytest
 from genai_models import LAYERS, generate, genai_folder
 from topt_compile.errors import ModelError
 from topt_compile.frontends import genai
-from topt_compile.generate import InPlaceDecoder
+from topt_compile.generate import InPlaceDecoder, _DeviceArgmax
 
 PROMPT = [5, 17, 33, 2, 9, 101, 250, 7, 64, 3, 12]
 
@@ -56,6 +56,33 @@ def test_a_pruned_lm_head_folder_compiles_and_generates_the_dense_tokens(dense, 
     for folder, library in ((pruned, None), (out, "auto")):
         got, _ = InPlaceDecoder(folder / "model.onnx", "cpu", 2, 40, library=library).greedy(prompts, 12)
         assert got.tolist() == want.tolist()
+
+
+def test_tokens_picked_by_onnxruntime_are_numpys_argmax_of_the_last_position(dense):
+    # greedy() picks tokens where the logits are (one ArgMax session: on the GPU with the CUDA EP;
+    # the fp16 pick: the next test, and tests/cuda on the device)
+    folder = dense
+    prompts = np.asarray([PROMPT, PROMPT[::-1]])
+    for static in (False, True):
+        decoder = InPlaceDecoder(folder / "model.onnx", "cpu", 2, 40, library=None, static_inputs=static)
+        token = prompts
+        for _ in range(4):
+            want = decoder.step(token).argmax(-1)
+            decoder.position -= token.shape[1]  # the same call again: rows are rewritten in place
+            got = decoder.next_tokens(token)
+            assert got.dtype == np.int64 and got.tolist() == want.tolist()
+            token = got[:, None]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_device_argmax_takes_the_first_of_tied_maxima_as_numpy(dtype):
+    import onnxruntime as ort
+    logits = np.random.default_rng(0).standard_normal((3, 5, 64)).astype(dtype)
+    logits[1, -1, [9, 40]] = 8   # a tie: the first index wins
+    logits[2, 0, 3] = 50         # not the last position: ignored
+    pick = _DeviceArgmax(ort, "tensor(float16)" if dtype == np.float16 else "tensor(float)", "cpu")
+    got = pick(ort.OrtValue.ortvalue_from_numpy(logits))
+    assert got.tolist() == logits[:, -1].argmax(-1).tolist() and got[1] == 9
 
 
 def test_a_step_past_the_buffer_or_an_unknown_provider_is_a_one_line_error(dense):
