@@ -71,23 +71,26 @@ def attention_share(decoder: InPlaceDecoder, prompt: np.ndarray, steps: int = 8)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             token = decoder.next_tokens(token)[:, None]
-    spans, attn_spans, names = [], [], {}
-    for e in prof.events():
-        if e.device_type.name != "CUDA":
-            continue
+    spans, attn_spans, names, calls = [], [], {}, {}
+    for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start):
         span = (e.time_range.start, e.time_range.end)
         spans.append(span)
         if any(k in e.name.lower() for k in ATTENTION_KERNELS):
             attn_spans.append(span)
             names[e.name[:60]] = names.get(e.name[:60], 0) + span[1] - span[0]
+            calls.setdefault(e.name[:60], []).append(span[1] - span[0])
     # busy time (the union of kernel intervals): PDL lets a kernel start, and wait, while its
     # predecessor runs, so summed durations would count that overlap twice
     total, attn = _union(spans), _union(attn_spans)
     if total == 0:
         return None
     top = sorted(names.items(), key=lambda kv: -kv[1])[:3]
+    # a kernel launched the same number of times each step (once per layer): its median µs per call index
+    per_call = {n: np.median(np.reshape(calls[n], (steps, -1)), 0).round(1).tolist()
+                for n, _ in top if len(calls[n]) % steps == 0}
     return {"share": attn / total, "gpu_ms_per_step": total / steps / 1000, "attention_ms_per_step": attn / steps / 1000,
-            "kernels": [[n, round(us / steps / 1000, 4)] for n, us in top]}  # name, ms per step (own span)
+            "kernels": [[n, round(us / steps / 1000, 4)] for n, us in top],  # name, ms per step (own span)
+            "per_layer_us": per_call}
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
