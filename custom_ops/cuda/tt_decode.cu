@@ -9,6 +9,7 @@
 //                 pass 2 (kPost) reads them back a chunk at a time, keeps p_j = e_j / Z > θ,
 //                 compacts the kept keys per warp and gathers their V rows.
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "tt_common.cuh"
@@ -21,6 +22,7 @@ namespace {
 enum Mode : int { kPre = 0, kScores = 1, kPost = 2 };
 
 constexpr int kWarps = 4, kThreads = kWarps * 32;
+constexpr float kRefSlack = 8.f;  // kPre: how far a score may pass the running reference before a rescale
 constexpr int kPartF = 8;  // per (split, head) floats: m, Z, D, dropped, kept, union, nan, n
 enum PartIdx : int { kM = 0, kZ, kD, kDrop, kKeptF, kUnionF, kNanF, kNF };
 
@@ -345,8 +347,11 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   // (chunk c of row r at c ^ (r & 7)) so ldmatrix reads are free of bank conflicts.
   constexpr bool kMma = TOPT_DECODE_MMA && sizeof(T) == 2 && kMode != kPost;
   static_assert(!kMma || (RW % 16 == 0 && D % 16 == 0 && GM <= 8), "mma tile shape");
+  static_assert(kMma || kMode == kPost || (GM & (GM - 1)) == 0, "the FFMA scores split the heads in halves");
   constexpr int SCW = TK + 4;  // sc row stride: the mma lanes' stores hit distinct banks
-  extern __shared__ __align__(16) char kring_raw[];  // K tiles: [kStages][TK][D] T
+  // 128-byte aligned: the ring follows the static arrays, and at a 16-byte (not 32-byte) offset every
+  // cp.async of a K row asked L2 for twice the sectors (ncu, 9/3 heads: 3.2M → 6.3M; 10% slower).
+  extern __shared__ __align__(128) char kring_raw[];  // K tiles: [kStages][TK][D] T
   T* kring = reinterpret_cast<T*>(kring_raw);
   __shared__ float sc[GM][SCW];           // scores of the tile (warp w: its rows)
   __shared__ float wts[2][GM][TK];       // e_j of kept keys, 0 otherwise (by tile parity)
@@ -355,7 +360,10 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   __shared__ float head_n[GM];           // n of each head's row
   __shared__ float red[kWarps];
   __shared__ float wpart[kWarps][6][GM];  // per-warp m, Z, D, dropped, kept, nan
-  __shared__ float accs[kWarps][GM][D];   // per-warp acc (relative to its m)
+  // per-warp acc (relative to its m); kPre stages it in the K ring, free by then
+  __shared__ float accs_own[kMode == kPre ? 1 : kWarps][GM][D];
+  static_assert(kMode != kPre || kWarps * GM * D * 4 <= kStages * TK * D * int(sizeof(T)), "accs fit in the ring");
+  float(*accs)[GM][D] = kMode == kPre ? reinterpret_cast<float(*)[GM][D]>(kring_raw) : accs_own;
 
   const int s = blockIdx.x, splits = gridDim.x;
   const int64_t g = blockIdx.y, b = blockIdx.z;
@@ -692,15 +700,26 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       } else {
         float alpha[GM];
 #pragma unroll
-        for (int r = 0; r < GM; ++r) {
-          alpha[r] = 1.f;
-          if constexpr (kMode == kPre) {  // warp max → new running max (warp-uniform)
-            const float mn = fmaxf(m_run[r], WarpMax(a_r[r]));
-            alpha[r] = mn == -INFINITY ? 1.f : __expf(m_run[r] - mn);
-            m_run[r] = mn;
-            z_t[r] *= alpha[r];
-            d_t[r] *= alpha[r];
-            drop_t[r] *= alpha[r];
+        for (int r = 0; r < GM; ++r) alpha[r] = 1.f;
+        bool rescaled = false;  // warp-uniform
+        if constexpr (kMode == kPre) {
+          // The reference m_run (warp-uniform) moves only when a score passes it by more than
+          // kRefSlack, so e^(a - m_run) <= e^kRefSlack stays far from overflow, and most tiles skip
+          // the warp max and the rescale of acc, Z, D: exact, since every sum shares the reference.
+          bool over = false;
+#pragma unroll
+          for (int r = 0; r < GM; ++r) over |= a_r[r] > m_run[r] + kRefSlack;
+          if (__any_sync(0xffffffffu, over)) {
+            rescaled = true;
+#pragma unroll
+            for (int r = 0; r < GM; ++r) {
+              const float mn = fmaxf(m_run[r], WarpMax(a_r[r]));
+              alpha[r] = mn == -INFINITY ? 1.f : __expf(m_run[r] - mn);
+              m_run[r] = mn;
+              z_t[r] *= alpha[r];
+              d_t[r] *= alpha[r];
+              drop_t[r] *= alpha[r];
+            }
           }
         }
         bool any = false;
@@ -729,7 +748,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
 
         // 4) rescale, finish the previous tile's rows, gather this tile's (first UV·RPW rows in
         // flight until the next tile; the rest now).
-        if constexpr (kMode == kPre) {
+        if (kMode == kPre && rescaled) {
 #pragma unroll
           for (int r = 0; r < GM; ++r)
 #pragma unroll
@@ -802,6 +821,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       for (int e = 0; e < E; ++e)
 #pragma unroll
         for (int o = LPR; o < 32; o <<= 1) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+    if constexpr (kMode == kPre) __syncthreads();  // every warp is done reading the ring
     if (sub == 0) {
 #pragma unroll
       for (int r = 0; r < GM; ++r)
@@ -1067,22 +1087,41 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
+// The split kernels' smem attributes (once per instantiation: they are per device function): the K
+// ring as dynamic smem, and the largest smem carve-out, else the driver may pick one that holds
+// fewer CTAs than the registers allow.
+template <typename T, int D, int GM>
+cudaError_t PrepareSplitKernels() {
+  constexpr int ring = kStages * KStageBytes<T, D>();
+  static cudaError_t status = [] {
+    for (auto k : {DecodeSplitKernel<T, D, GM, kPre>, DecodeSplitKernel<T, D, GM, kScores>}) {
+      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
+      if (e == cudaSuccess) e = cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaFuncSetAttribute(DecodeSplitKernel<T, D, GM, kPost>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                GM * kMaxSplits * int(sizeof(float)));
+  }();
+  return status;
+}
+
+// Resident CTAs per SM of the first split kernel of `p`'s placement, as the occupancy API reports it.
+template <typename T, int D, int GM>
+int SplitBlocksPerSm(const TopThetaParams& p) {
+  if (PrepareSplitKernels<T, D, GM>() != cudaSuccess) return 1;
+  int n = 0;
+  const cudaError_t e = p.placement == Placement::kPreSoftmax
+      ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeSplitKernel<T, D, GM, kPre>, kThreads, kStages * KStageBytes<T, D>())
+      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeSplitKernel<T, D, GM, kScores>, kThreads, kStages * KStageBytes<T, D>());
+  return e == cudaSuccess && n > 0 ? n : 1;
+}
+
 template <typename T, int D, int GM>
 cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(splits), unsigned(p.Hkv), unsigned(p.B));
   constexpr int ring = kStages * KStageBytes<T, D>();
   static_assert(ring >= GM * kMaxSplits * int(sizeof(float)), "the merge tail's scratch lives in the K ring");
-  static bool attr_set = false;  // per instantiation; the attribute is per device function
-  if (!attr_set) {
-    for (auto k : {DecodeSplitKernel<T, D, GM, kPre>, DecodeSplitKernel<T, D, GM, kScores>}) {
-      const cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
-      if (e != cudaSuccess) return e;
-    }
-    const cudaError_t e = cudaFuncSetAttribute(DecodeSplitKernel<T, D, GM, kPost>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               GM * kMaxSplits * int(sizeof(float)));
-    if (e != cudaSuccess) return e;
-    attr_set = true;
-  }
+  if (const cudaError_t e = PrepareSplitKernels<T, D, GM>(); e != cudaSuccess) return e;
   if (VSumNeeded(p) && !TOPT_DECODE_FUSED_MERGE) {  // before the splits: they and the merge wait for it
     const dim3 vgrid(unsigned(kVSumChunks), unsigned(VSumHeads(p)), unsigned(p.B));
     DecodeVSumKernel<T><<<vgrid, unsigned(std::min<int64_t>(128, (p.Dv + 31) / 32 * 32)), 0, stream>>>(p, ws);
@@ -1101,18 +1140,42 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
   return LaunchPdl(DecodeMergeKernel<T>, dim3(unsigned(p.Hq), unsigned(p.B)), dim3(kMergeThreads), 0, stream, p, ws, splits);
 }
 
-template <typename T, int D>
-cudaError_t LaunchD(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
+// Calls f.template operator()<T, D, GM>() for the split-kernel instance that serves p.
+template <typename T, int D, typename F>
+auto WithInstanceD(const TopThetaParams& p, const F& f) {
   const int64_t G = p.Hq / p.Hkv;
-  if (G <= 2) return LaunchSplits<T, D, 2>(p, splits, ws, stream);
-  if (G <= 4) return LaunchSplits<T, D, 4>(p, splits, ws, stream);
-  return LaunchSplits<T, D, 8>(p, splits, ws, stream);
+  if (G <= 2) return f.template operator()<T, D, 2>();
+  // 3 heads (SmolLM2's 9/3) in their own instance: padded to 4, a quarter of the per-head work
+  // would be spent on a head that does not exist. The FFMA path (fp32) needs a power of two.
+  if constexpr (sizeof(T) == 2) {
+    if (G == 3) return f.template operator()<T, D, 3>();
+  }
+  if (G <= 4) return f.template operator()<T, D, 4>();
+  return f.template operator()<T, D, 8>();
 }
 
-template <typename T>
-cudaError_t LaunchT(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
-  return p.Dh == 64 ? LaunchD<T, 64>(p, splits, ws, stream) : LaunchD<T, 128>(p, splits, ws, stream);
+template <typename F>
+auto WithInstance(const TopThetaParams& p, const F& f) {
+  switch (p.dtype) {
+    case DType::kFloat16: return p.Dh == 64 ? WithInstanceD<__half, 64>(p, f) : WithInstanceD<__half, 128>(p, f);
+    case DType::kBFloat16: return p.Dh == 64 ? WithInstanceD<__nv_bfloat16, 64>(p, f) : WithInstanceD<__nv_bfloat16, 128>(p, f);
+    default: return p.Dh == 64 ? WithInstanceD<float, 64>(p, f) : WithInstanceD<float, 128>(p, f);
+  }
 }
+
+struct LaunchSplitsFn {
+  const TopThetaParams& p;
+  int splits;
+  const Ws& ws;
+  cudaStream_t stream;
+  template <typename T, int D, int GM>
+  cudaError_t operator()() const { return LaunchSplits<T, D, GM>(p, splits, ws, stream); }
+};
+struct BlocksPerSmFn {
+  const TopThetaParams& p;
+  template <typename T, int D, int GM>
+  int operator()() const { return SplitBlocksPerSm<T, D, GM>(p); }
+};
 
 bool Aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) == 0; }
 
@@ -1135,8 +1198,15 @@ int DecodeSplits(const TopThetaParams& p, int forced) {
   const int64_t max_splits = std::max<int64_t>(1, (keys + 2 * tk - 1) / (2 * tk));  // >= 2 tiles each
   // One wave: the split kernel holds 3 CTAs per SM (2 for G > 4: registers); more waves leave a
   // partial last wave, fewer leave SMs idle (measured: B=1, 32/8 heads, 32K: 50 splits best).
-  const int64_t slots = int64_t(sms) * (p.Hq / p.Hkv <= 4 ? kMinBlocks : 2);
-  const int64_t want = std::max<int64_t>(1, slots / (p.B * p.Hkv));
+  const int per_sm = WithInstance(p, BlocksPerSmFn{p});
+  const int64_t slots = int64_t(sms) * per_sm;
+  // TOPT_CUDA_DECODE_WAVES (benchmarks): CTAs per resident slot to aim for, 1 unless set.
+  static const double waves = [] {
+    const char* s = std::getenv("TOPT_CUDA_DECODE_WAVES");
+    const double w = s ? std::atof(s) : 1.0;
+    return w > 0.0 ? w : 1.0;
+  }();
+  const int64_t want = std::max<int64_t>(1, int64_t(waves * double(slots)) / (p.B * p.Hkv));
   return int(std::max<int64_t>(1, std::min<int64_t>({want, max_splits, int64_t(kMaxSplits)})));
 }
 
@@ -1149,12 +1219,8 @@ int64_t DecodeCounterBytes(const TopThetaParams& p) { return CounterBytes(p); }
 cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, int64_t workspace_bytes,
                          cudaStream_t stream) {
   const Ws ws = CarveWs(workspace, workspace_bytes, p, splits);
-  switch (p.dtype) {
-    case DType::kFloat32: return LaunchT<float>(p, splits, ws, stream);
-    case DType::kFloat16: return LaunchT<__half>(p, splits, ws, stream);
-    case DType::kBFloat16: return LaunchT<__nv_bfloat16>(p, splits, ws, stream);
-  }
-  return cudaErrorInvalidValue;
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
+  return WithInstance(p, LaunchSplitsFn{p, splits, ws, stream});
 }
 
 }  // namespace cuda_detail
