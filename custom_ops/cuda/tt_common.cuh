@@ -14,6 +14,20 @@ namespace cuda_detail {
 
 constexpr float kMaskedAtOrBelow = -10000.f;  // a float mask entry m <= -10000 masks the key
 
+// Programmatic dependent launch (sm_90): a kernel lets its dependent grid launch before it ends;
+// the dependent waits for its completion (and memory) before reading its results. No-ops below
+// sm_90 and when the launch did not ask for it.
+__device__ __forceinline__ void LaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void WaitPrerequisite() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 template <typename T> __device__ __forceinline__ float ToF(T x);
 template <> __device__ __forceinline__ float ToF<float>(float x) { return x; }
 template <> __device__ __forceinline__ float ToF<__half>(__half x) { return __half2float(x); }

@@ -3,7 +3,7 @@
 // once. Per tile of TK keys: 16-byte K loads → fp32 scores of every head in shared memory →
 // keep decisions → ballot OR across the group → compacted kept row ids → gather of only those V
 // rows (16-byte loads) into per-head accumulators. A merge kernel combines the splits by
-// log-sum-exp and applies SDC/VMC (v̄ from past_v_sum + the new row).
+// log-sum-exp and applies SDC/VMC (v̄ from past_v_sum or the running state + the new row).
 //   pre_softmax:  one pass (kMode = kPre), online max per head, exact SDC from the running Z.
 //   post_softmax: pass 1 (kScores) writes fp32 scores [B, Hq, Tbuf] and per-split (m, Z);
 //                 pass 2 (kPost) reads them back a chunk at a time, keeps p_j = e_j / Z > θ,
@@ -45,14 +45,9 @@ struct Cfg {
 // parallel by DecodeVSumKernel before the splits, so no thread walks the whole cache.
 constexpr int kVSumChunks = 64;
 
-// -DTOPT_DECODE_FUSED_MERGE=1: one launch per pre_softmax call (measured slower on H100, see
-// bench/results/cuda_kernel.md); default 0: the separate PDL'd merge kernel.
-#ifndef TOPT_DECODE_FUSED_MERGE
-#define TOPT_DECODE_FUSED_MERGE 0
-#endif
-// The glue's running V sum (params: vsum_state) is read and written by the merge kernel; the
-// fused-merge experiment does not implement it and streams V instead.
-__host__ __device__ inline bool UsesVSumState(const TopThetaParams& p) { return p.vsum_state && !TOPT_DECODE_FUSED_MERGE; }
+// The glue's running V sum (params: vsum_state) is read and written by whichever merges the splits
+// (the merge kernel, or the split kernel's MergeTail in a TOPT_DECODE_FUSED_MERGE build).
+__host__ __device__ inline bool UsesVSumState(const TopThetaParams& p) { return p.vsum_state != nullptr; }
 __host__ __device__ inline bool VSumNeeded(const TopThetaParams& p) {
   return (p.vmc || p.present_v_sum) && !p.past_v_sum && !UsesVSumState(p);
 }
@@ -167,25 +162,52 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const unsigned (&a)[4], 
 #ifndef TOPT_DECODE_MIN_BLOCKS
 #define TOPT_DECODE_MIN_BLOCKS 3
 #endif
-// Programmatic dependent launch (sm_90): a kernel lets its dependent grid launch before it ends;
-// the dependent waits for its completion (and memory) before reading its results. No-ops below
-// sm_90 and when the launch did not ask for it.
-__device__ __forceinline__ void LaunchDependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void WaitPrerequisite() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 constexpr int kStages = TOPT_DECODE_STAGES;  // K tiles in flight per CTA (cp.async ring)
 constexpr int kMinBlocks = TOPT_DECODE_MIN_BLOCKS;  // resident CTAs per SM the registers allow (G <= 4)
 
 template <typename T, int D>
 constexpr int KStageBytes() { return Cfg<T, D>::TK * D * int(sizeof(T)); }
+
+// v̄'s numerator (VMC, present_v_sum): the sum of row (b, h, 0)'s visible V rows at column d, from
+// past_v_sum or the running state (`state_past`: its sum of rows [0, past)) plus the visible new
+// rows, else from DecodeVSumKernel's partial sums.
+template <typename T>
+__device__ float VSumAt(const TopThetaParams& p, const Ws& ws, const KvGeom& geo, int64_t b, int64_t g, int64_t h,
+                        int64_t d, float state_past) {
+  const int64_t Dv = p.Dv;
+  if (p.past_v_sum || UsesVSumState(p)) {
+    float vs = p.past_v_sum ? p.past_v_sum[(b * p.Hkv + g) * Dv + d] : state_past;
+    const int64_t mbase = MaskBase(p, b, h, 0);
+    for (int64_t j = geo.past_rows; j < RowEnd(p, geo, 0); ++j) {
+      float add;
+      if (MaskVisible<T>(p, mbase, j, add)) vs += ToF<T>(KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, Dv)[d]);
+    }
+    return vs;
+  }
+  const float* parts = ws.vsum + ((b * VSumHeads(p) + (VSumPerGroup(p) ? g : h)) * kVSumChunks) * Dv + d;
+  float vs = 0.f;
+  for (int c = 0; c < kVSumChunks; ++c) vs += parts[c * Dv];
+  return vs;
+}
+
+// The running state's slot for `past` rows holds their sum (no past rows: trivially).
+__device__ __forceinline__ bool VSumStateFresh(const TopThetaParams& p, const KvGeom& geo, int64_t b) {
+  const int64_t past = geo.past_rows;
+  return past == 0 || p.vsum_state_len[(past & 1) * p.B + b] == past;
+}
+__device__ __forceinline__ float VSumStateAt(const TopThetaParams& p, const KvGeom& geo, int64_t b, int64_t g, int64_t d) {
+  const int64_t past = geo.past_rows;
+  return past == 0 ? 0.f : p.vsum_state[(((past & 1) * p.B + b) * p.Hkv + g) * p.Dv + d];
+}
+
+// The group's v̄ numerator at column d into present_v_sum and the state's slot for the next length.
+__device__ __forceinline__ void StoreVSum(const TopThetaParams& p, const KvGeom& geo, int64_t b, int64_t g, int64_t d, float vs) {
+  if (p.present_v_sum) p.present_v_sum[(b * p.Hkv + g) * p.Dv + d] = vs;
+  if (UsesVSumState(p)) p.vsum_state[((((geo.past_rows + p.Skv) & 1) * p.B + b) * p.Hkv + g) * p.Dv + d] = vs;
+}
+__device__ __forceinline__ void StoreVSumStateLen(const TopThetaParams& p, const KvGeom& geo, int64_t b) {
+  p.vsum_state_len[((geo.past_rows + p.Skv) & 1) * p.B + b] = int32_t(geo.past_rows + p.Skv);
+}
 
 // The last-arriving CTA of (b, g) merges the splits' partials by log-sum-exp and writes Y, stats,
 // present_v_sum and the group's new K/V rows (the former merge kernel, folded in: one launch).
@@ -271,30 +293,21 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
     if (item >= items || sl != 0) continue;
     const int r = item / NQ, c = item % NQ;
     const OutWeights ow = sow[r];
-    const int64_t h = g * G + r, mbase = MaskBase(p, b, h, 0);
-    const bool need_vs = ow.wv != 0.f || (p.present_v_sum && r == 0);
+    const int64_t h = g * G + r;
+    const bool state = UsesVSumState(p);
+    const bool need_vs = ow.wv != 0.f || (r == 0 && (p.present_v_sum || state));
     float vs[4] = {0.f, 0.f, 0.f, 0.f};
-    if (need_vs) {  // v̄ numerator: past_v_sum (or every visible past row) + the visible new rows
-      const int64_t begin = p.past_v_sum ? geo.past_rows : 0;
-      if (p.past_v_sum) {
-        const float* pv = p.past_v_sum + (b * p.Hkv + g) * D + 4 * c;
+    if (need_vs) {
+      const bool fresh = !state || VSumStateFresh(p, geo, b);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) vs[e] = pv[e];
-      }
-      for (int64_t j = begin; j < end; ++j) {
-        float add;
-        if (!MaskVisible<T>(p, mbase, j, add)) continue;
-        const T* vr = KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, D) + 4 * c;
-        float vv[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) vv[e] = ToF<T>(vr[e]);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) vs[e] += vv[e];
-      }
-      if (p.present_v_sum && r == 0) {
-        float* pvs = p.present_v_sum + (b * p.Hkv + g) * D + 4 * c;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) pvs[e] = vs[e];
+      for (int e = 0; e < 4; ++e) {
+        const int64_t d = 4 * c + e;
+        float past_sum = 0.f;
+        if (state && fresh) past_sum = VSumStateAt(p, geo, b, g, d);
+        else if (state)  // stale (first step after a prompt): the splits' sums of V's past rows
+          for (int64_t x = 0; x < int64_t(splits) * kWarps; ++x) past_sum += __ldcg(ws.vsplit + ((b * p.Hkv + g) * splits * kWarps + x) * D + d);
+        vs[e] = VSumAt<T>(p, ws, geo, b, g, h, d, past_sum);
+        if (r == 0) StoreVSum(p, geo, b, g, d, vs[e]);
       }
     }
     const float av[4] = {a.x, a.y, a.z, a.w};
@@ -305,6 +318,7 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
       y[e] = FromF<T>(v);
     }
   }
+  if (UsesVSumState(p) && g == 0 && tid == 0) StoreVSumStateLen(p, geo, b);
   {  // the group's new K/V rows into present (at past_rows; in place or after the copy)
     const int64_t rows = p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
     const int64_t bg = b * p.Hkv + g;
@@ -337,7 +351,8 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
 // grid (splits, Hkv, B), block kThreads, dynamic smem kStages · KStageBytes (kPre, kScores).
 // Warp w owns rows [w·RW, w·RW + RW) of every tile end to end — scores, decisions, compaction,
 // V gather — with its own running max, so the only CTA barrier per tile is the K ring's.
-template <typename T, int D, int GM, int kMode>
+// kFuse (kPre): the last CTA of each (b, g) merges the splits (MergeTail) instead of the merge kernel.
+template <typename T, int D, int GM, int kMode, bool kFuse = false>
 __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSplitKernel(TopThetaParams p, Ws ws) {
   using C = Cfg<T, D>;
   constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, TK = C::TK;
@@ -348,6 +363,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   constexpr bool kMma = TOPT_DECODE_MMA && sizeof(T) == 2 && kMode != kPost;
   static_assert(!kMma || (RW % 16 == 0 && D % 16 == 0 && GM <= 8), "mma tile shape");
   static_assert(kMma || kMode == kPost || (GM & (GM - 1)) == 0, "the FFMA scores split the heads in halves");
+  static_assert(!kFuse || kMode == kPre, "only the one-pass kernel merges its splits");
   constexpr int SCW = TK + 4;  // sc row stride: the mma lanes' stores hit distinct banks
   // 128-byte aligned: the ring follows the static arrays, and at a 16-byte (not 32-byte) offset every
   // cp.async of a K row asked L2 for twice the sectors (ncu, 9/3 heads: 3.2M → 6.3M; 10% slower).
@@ -365,6 +381,9 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   static_assert(kMode != kPre || kWarps * GM * D * 4 <= kStages * TK * D * int(sizeof(T)), "accs fit in the ring");
   float(*accs)[GM][D] = kMode == kPre ? reinterpret_cast<float(*)[GM][D]>(kring_raw) : accs_own;
 
+  // Launched with PDL after the decode front (GqaPrepKernel), whose outputs, past_seqlens included,
+  // everything below reads: the CTAs are resident by the time it ends.
+  if constexpr (kMode != kPost) WaitPrerequisite();
   const int s = blockIdx.x, splits = gridDim.x;
   const int64_t g = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -387,7 +406,9 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
 
   // Element offset of 16-byte chunk c of tile row `row` in a K stage.
   auto Swz = [](int row, int c) { return row * D + (kMma ? (c ^ (row & 7)) : c) * E; };
-  // K ring: tile `it` → stage it % kStages; thread x copies 16-byte chunks x, x + kThreads, ...
+  // K ring: tile `it` → stage it % kStages. Each warp copies its own rows [row0, row0 + RW) (lane:
+  // 16-byte chunks lane, lane + 32, ...) and alone reads them, so a tile needs no CTA barrier: a
+  // warp held up by its V gathers does not hold up the others.
   auto issue = [&](int it) {
     if (it < ntiles) {
       const int64_t t0 = tile_start(it);
@@ -395,10 +416,10 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       if (t0 + TK <= min(key_end, geo.past_rows)) {  // whole tile in the past buffer: 32-bit offsets
         const T* base = static_cast<const T*>(p.past_key) + ((b * p.Hkv + g) * geo.past_len + t0) * D;
 #pragma unroll
-        for (int x = tid; x < TK * LPR; x += kThreads) CpAsync16(stage + Swz(x / LPR, x % LPR), base + x * E, true);
+        for (int x = row0 * LPR + lane; x < (row0 + RW) * LPR; x += 32) CpAsync16(stage + Swz(x / LPR, x % LPR), base + x * E, true);
       } else {
 #pragma unroll
-        for (int x = tid; x < TK * LPR; x += kThreads) {
+        for (int x = row0 * LPR + lane; x < (row0 + RW) * LPR; x += 32) {
           const int row = x / LPR, c = x % LPR;
           const int64_t j = t0 + row;
           const bool ok = j < key_end;
@@ -501,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   int unions = 0;  // this warp's union count
 
   // V rows of the previous tile in flight: lane group `sub` holds kept rows sub, sub + RPW, ...
-  constexpr int UV = 4;
+  constexpr int UV = 4;  // 8 (every row of a warp in flight): 168 registers, 14% more instructions, slower
   uint4 pend_v[UV];
   int pend_k[UV];
 #pragma unroll
@@ -621,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       float a_r[GM];
       {
         CpAsyncWait<kStages - 2>();
-        __syncthreads();  // tile `it` landed for every thread; the stage of tile it-1 is free
+        __syncwarp();  // this warp's rows of tile `it` landed for every lane; its rows of tile it-1 are free
         issue(it + kStages - 1);
         const T* stage = kring + (it % kStages) * TK * D;
         if constexpr (kMma) {
@@ -874,7 +895,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
     }
     if (UsesVSumState(p)) {  // a stale running V sum (first step after a prompt): this split's share of V's past rows
       const int64_t past = geo.past_rows;
-      if (past > 0 && p.vsum_state_len[(past & 1) * p.B + b] != past) {
+      if (past > 0 && !VSumStateFresh(p, geo, b)) {
         constexpr int CH = D / E, RG = 32 / CH < 1 ? 1 : 32 / CH;  // 16-byte chunks per row; row groups per warp
         const int c = lane % CH, rg = warp * RG + lane / CH;
         float sum[E];
@@ -898,7 +919,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
         }
       }
     }
-    if constexpr (TOPT_DECODE_FUSED_MERGE) MergeTail<T, D, GM>(p, ws, splits, b, g, G, reinterpret_cast<float*>(kring_raw), head_n);
+    if constexpr (kFuse) MergeTail<T, D, GM>(p, ws, splits, b, g, G, reinterpret_cast<float*>(kring_raw), head_n);
   }
 }
 
@@ -925,46 +946,109 @@ __global__ void DecodeVSumKernel(TopThetaParams p, Ws ws) {
 }
 
 // Merge the splits of (b, h) and write Y, stats and (for the group's first head) present_v_sum.
-// grid (Hq, B), block kMergeThreads: 8 groups of splits × 32 lanes of float4 columns (Dv <= 128).
-// (Default path; -DTOPT_DECODE_FUSED_MERGE=1 folds this into the split kernel's MergeTail instead.)
+// grid (Hq, B), block kMergeThreads: 8 warps over the splits × 32 lanes of float4 columns (Dv <= 128).
+// Launched with PDL: what does not depend on the split kernel (the row's rule without a mask, the
+// running V sum and the new rows' V) is read before the wait; after it, one round of loads (each
+// split's m and acc in the same pass, by an online max) and shared-memory reductions.
 constexpr int kMergeThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParams p, Ws ws, int splits) {
-  __shared__ float fs[kMaxSplits];          // exp(m_s - M) per split
-  __shared__ float red[kMergeThreads / 32][8];
-  __shared__ float4 part[kMergeThreads / 32][32];
+  constexpr int NWM = kMergeThreads / 32;
+  __shared__ float wmax[NWM];
+  __shared__ float red[NWM][8];
+  __shared__ float4 part[NWM][32];
+  __shared__ float vbase[kMergeThreads];
   const int64_t h = blockIdx.x, b = blockIdx.y;
   const int64_t G = p.Hq / p.Hkv, g = h / G, r = h % G, Dv = p.Dv;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  constexpr int NWM = kMergeThreads / 32;
   const KvGeom geo = GetGeom(p, b);
   const int64_t base_unit = (b * p.Hkv + g) * splits * G + r;  // unit of split s: base + s·G
   auto rec = [&](int s) { return ws.part + (base_unit + int64_t(s) * G) * kPartF; };
-  WaitPrerequisite();
 
-  float m = -INFINITY;
-  for (int s = tid; s < splits; s += kMergeThreads) m = fmaxf(m, rec(s)[kM]);
-  m = WarpMax(m);
-  if (lane == 0) red[warp][0] = m;
-  __syncthreads();
-  float M = red[0][0];
-  for (int w = 1; w < NWM; ++w) M = fmaxf(M, red[w][0]);
+  // 1) Independent of the splits. Without a mask n is the row's length.
+  int64_t n = p.mask_kind == MaskKind::kNone ? RowEnd(p, geo, 0) : -1;
+  RowRule rule{};
+  if (n >= 0) rule = GetRuleWarp(p, h, n);
+  const bool state = UsesVSumState(p);
+  const bool want_vs = p.vmc || (r == 0 && (p.present_v_sum || state));  // v̄ may be needed
+  const bool stale = want_vs && state && !VSumStateFresh(p, geo, b);       // then it needs the splits' V sums
+  const int64_t d = tid;  // this thread's column of Y (Dv <= kMergeThreads)
+  float vs = 0.f;
+  if (want_vs && !stale && d < Dv) vs = VSumAt<T>(p, ws, geo, b, g, h, d, state ? VSumStateAt(p, geo, b, g, d) : 0.f);
+
+  if (r == 0) {  // the group's new K/V rows into present (at past_rows; in place or after the copy): the
+    // split kernel reads them from k_new/v_new, never from present
+    const int64_t rows = p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
+    const int64_t bg = b * p.Hkv + g, es = p.dtype == DType::kFloat32 ? 4 : 2;
+    for (int64_t x = tid; x < p.Skv * Dv * es / 4; x += kMergeThreads) {
+      const int64_t sr = x / (Dv * es / 4), w = x % (Dv * es / 4);
+      const int64_t dst = (bg * rows + geo.past_rows + sr) * Dv * es / 4 + w, src = (bg * p.Skv + sr) * Dv * es / 4 + w;
+      if (p.present_key) static_cast<uint32_t*>(p.present_key)[dst] = static_cast<const uint32_t*>(p.k_new)[src];
+      if (p.present_value) static_cast<uint32_t*>(p.present_value)[dst] = static_cast<const uint32_t*>(p.v_new)[src];
+    }
+  }
+  WaitPrerequisite();
+  // 2) Warp w takes splits w, w + NWM, ...: m_s and acc_s (lane c: columns 4c..4c+3) loaded together,
+  // a running max per warp; threads t < splits also load split t's sums.
+  const int64_t nq = Dv / 4;
+  float mw = -INFINITY;
+  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = warp; s0 < splits; s0 += 4 * NWM) {
+    float ms[4];
+    float4 x[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int s = s0 + u * NWM;
+      ms[u] = s < splits ? rec(s)[kM] : -INFINITY;
+      x[u] = s < splits && lane < nq ? *reinterpret_cast<const float4*>(ws.acc + (base_unit + int64_t(s) * G) * Dv + 4 * lane)
+                                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (ms[u] == -INFINITY) continue;
+      if (ms[u] > mw) {
+        const float f = mw == -INFINITY ? 0.f : expf(mw - ms[u]);
+        a.x *= f; a.y *= f; a.z *= f; a.w *= f;
+        mw = ms[u];
+      }
+      const float f = expf(ms[u] - mw);
+      a.x += f * x[u].x; a.y += f * x[u].y; a.z += f * x[u].z; a.w += f * x[u].w;
+    }
+  }
   float t[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // Z, D, dropped, kept, union, nan
-  for (int s = tid; s < splits; s += kMergeThreads) {
-    const float* pf = rec(s);
-    const float f = pf[kM] == -INFINITY ? 0.f : expf(pf[kM] - M);
-    fs[s] = f;
-    t[0] += f * pf[kZ];
-    t[1] += f * pf[kD];
-    t[2] += f * pf[kDrop];
-    t[3] += pf[kKeptF];
-    t[4] += pf[kUnionF];
-    t[5] = fmaxf(t[5], pf[kNanF]);
+  float tm[4];  // m of this thread's splits tid, tid + kMergeThreads, ... (up to kMaxSplits)
+  float tf[4][6];
+  static_assert(kMaxSplits <= 4 * kMergeThreads, "4 splits per thread at most");
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int s = tid + u * kMergeThreads;
+    const float* pf = rec(s < splits ? s : 0);
+    tm[u] = s < splits ? pf[kM] : -INFINITY;
+    tf[u][0] = pf[kZ]; tf[u][1] = pf[kD]; tf[u][2] = pf[kDrop];
+    tf[u][3] = s < splits ? pf[kKeptF] : 0.f; tf[u][4] = s < splits ? pf[kUnionF] : 0.f; tf[u][5] = s < splits ? pf[kNanF] : 0.f;
+  }
+  if (lane == 0) wmax[warp] = mw;
+  __syncthreads();
+  float M = wmax[0];
+  for (int w = 1; w < NWM; ++w) M = fmaxf(M, wmax[w]);
+  if (mw != -INFINITY) {
+    const float f = expf(mw - M);
+    a.x *= f; a.y *= f; a.z *= f; a.w *= f;
+  }
+  part[warp][lane] = a;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float f = tm[u] == -INFINITY ? 0.f : expf(tm[u] - M);
+    t[0] += f * tf[u][0];
+    t[1] += f * tf[u][1];
+    t[2] += f * tf[u][2];
+    t[3] += tf[u][3];
+    t[4] += tf[u][4];
+    t[5] = fmaxf(t[5], tf[u][5]);
   }
 #pragma unroll
   for (int k = 0; k < 6; ++k) t[k] = k == 5 ? WarpMax(t[k]) : WarpSum(t[k]);
-  __syncthreads();
   if (lane == 0)
 #pragma unroll
     for (int k = 0; k < 6; ++k) red[warp][k] = t[k];
@@ -975,86 +1059,37 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     for (int w = 1; w < NWM; ++w) v = k == 5 ? fmaxf(v, red[w][k]) : v + red[w][k];
     t[k] = v;
   }
-  const int64_t n = int64_t(rec(0)[kNF]);
+  if (n < 0) {  // a mask: n is the count of visible keys the splits saw
+    n = int64_t(rec(0)[kNF]);
+    rule = GetRuleWarp(p, h, n);
+  }
   const int64_t kept = t[5] > 0.f ? n : int64_t(t[3]);  // a NaN row keeps every visible key
-  const RowRule rule = GetRuleWarp(p, h, n);
   const OutWeights ow = RowWeights(p, rule, n, kept, M, t[5] > 0.f, t[0], t[1], t[2]);
 
-  // acc = Σ_s fs[s] · acc_s: warp w sums splits w, w + NWM, ...; lane c holds columns 4c..4c+3.
-  const int64_t nq = Dv / 4;
-  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (lane < nq) {
-#pragma unroll 4
-    for (int s = warp; s < splits; s += NWM) {
-      const float f = fs[s];
-      const float4 x = *reinterpret_cast<const float4*>(ws.acc + (base_unit + int64_t(s) * G) * Dv + 4 * lane);
-      a.x += f * x.x; a.y += f * x.y; a.z += f * x.z; a.w += f * x.w;
+  // 3) A stale running V sum (first step after a prefill, a rewind): the split kernel's
+  // per-(split, warp) sums of V's past rows.
+  if (stale) {  // block-uniform
+    const int64_t groups = kMergeThreads / Dv, dd = tid % Dv, rg = tid / Dv, parts = int64_t(splits) * kWarps;
+    float sum = 0.f;
+    if (rg < groups) {
+      const float* part_sums = ws.vsplit + (b * p.Hkv + g) * parts * Dv + dd;
+      for (int64_t x = rg; x < parts; x += groups) sum += part_sums[x * Dv];
     }
-  }
-  part[warp][lane] = a;
-  __syncthreads();
-
-  const bool state = UsesVSumState(p);
-  const bool need_vs = ow.wv != 0.f || (p.present_v_sum && r == 0) || (state && r == 0);
-  const int64_t mbase = MaskBase(p, b, h, 0);
-  // Running V sum (shared_buffer, no mask): the sum of rows [0, past) from the state slot of this
-  // length, or, when the slot is stale (first step after a prefill, a rewind), from V itself.
-  __shared__ float vbase[kMergeThreads];
-  const int64_t past = geo.past_rows;
-  if (need_vs && state) {  // block-uniform
-    const int64_t slot = past & 1;
-    if (past == 0 || p.vsum_state_len[slot * p.B + b] == past) {
-      for (int64_t d = tid; d < Dv; d += kMergeThreads)
-        vbase[d] = past == 0 ? 0.f : p.vsum_state[((slot * p.B + b) * p.Hkv + g) * Dv + d];
-    } else {  // stale: the split kernel's per-(split, warp) sums of V's past rows
-      const int64_t groups = kMergeThreads / Dv, d = tid % Dv, rg = tid / Dv, parts = int64_t(splits) * kWarps;
-      float sum = 0.f;
-      if (rg < groups) {
-        const float* part_sums = ws.vsplit + (b * p.Hkv + g) * parts * Dv + d;
-        for (int64_t x = rg; x < parts; x += groups) sum += part_sums[x * Dv];
-      }
-      __syncthreads();
-      vbase[tid] = sum;
-      __syncthreads();
-      if (tid < Dv)
-        for (int64_t k = 1; k < groups; ++k) sum += vbase[tid + k * Dv];
-      __syncthreads();
-      if (tid < Dv) vbase[tid] = sum;
-    }
+    vbase[tid] = sum;
     __syncthreads();
+    if (tid < Dv)
+      for (int64_t k = 1; k < groups; ++k) sum += vbase[tid + k * Dv];
+    if (d < Dv) vs = VSumAt<T>(p, ws, geo, b, g, h, d, sum);
   }
-  T* y = static_cast<T*>(p.y) + (b * p.Hq + h) * Dv;
-  for (int64_t d = tid; d < Dv; d += kMergeThreads) {
+  if (d < Dv) {
     float acc = 0.f;
     for (int w = 0; w < NWM; ++w) acc += reinterpret_cast<const float*>(&part[w][d / 4])[d % 4];
-    float vs = 0.f;
-    if (need_vs && (p.past_v_sum || state)) {  // v̄ numerator: past_v_sum (or the state) + the visible new rows
-      vs = p.past_v_sum ? p.past_v_sum[(b * p.Hkv + g) * Dv + d] : vbase[d];
-      for (int64_t j = geo.past_rows; j < RowEnd(p, geo, 0); ++j) {
-        float add;
-        if (!MaskVisible<T>(p, mbase, j, add)) continue;
-        vs += ToF<T>(KvRow<T>(p.past_value, p.v_new, p, geo, b, g, j, Dv)[d]);
-      }
-    } else if (need_vs) {  // every visible row: DecodeVSumKernel's partial sums
-      const float* parts = ws.vsum + ((b * VSumHeads(p) + (VSumPerGroup(p) ? g : h)) * kVSumChunks) * Dv + d;
-      for (int c = 0; c < kVSumChunks; ++c) vs += parts[c * Dv];
-    }
-    if (need_vs && p.present_v_sum && r == 0) p.present_v_sum[(b * p.Hkv + g) * Dv + d] = vs;
-    if (state && r == 0) p.vsum_state[((((past + p.Skv) & 1) * p.B + b) * p.Hkv + g) * Dv + d] = vs;
+    const bool need_vs = ow.wv != 0.f || (r == 0 && (p.present_v_sum || state));
+    if (need_vs && r == 0) StoreVSum(p, geo, b, g, d, vs);
     const float v = ow.nan ? NAN : ow.zero ? 0.f : ow.wa * acc + (ow.wv != 0.f ? ow.wv * vs : 0.f);
-    y[d] = FromF<T>(v);
+    static_cast<T*>(p.y)[(b * p.Hq + h) * Dv + d] = FromF<T>(v);
   }
-  if (state && r == 0 && g == 0 && tid == 0) p.vsum_state_len[((past + p.Skv) & 1) * p.B + b] = int32_t(past + p.Skv);
-  if (r == 0) {  // the group's new K/V rows into present (at past_rows; in place or after the copy)
-    const int64_t rows = p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
-    const int64_t bg = b * p.Hkv + g, es = p.dtype == DType::kFloat32 ? 4 : 2;
-    for (int64_t x = tid; x < p.Skv * Dv * es / 4; x += kMergeThreads) {
-      const int64_t sr = x / (Dv * es / 4), w = x % (Dv * es / 4);
-      const int64_t dst = (bg * rows + geo.past_rows + sr) * Dv * es / 4 + w, src = (bg * p.Skv + sr) * Dv * es / 4 + w;
-      if (p.present_key) static_cast<uint32_t*>(p.present_key)[dst] = static_cast<const uint32_t*>(p.k_new)[src];
-      if (p.present_value) static_cast<uint32_t*>(p.present_value)[dst] = static_cast<const uint32_t*>(p.v_new)[src];
-    }
-  }
+  if (state && r == 0 && g == 0 && tid == 0) StoreVSumStateLen(p, geo, b);
   if (p.stats && tid < kNumStats) {
     int64_t v = 0;
     if (tid == kGroupVRows) v = int64_t(t[4]);  // every head of the group
@@ -1087,6 +1122,30 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
+// -DTOPT_DECODE_FUSED_MERGE=1 (experiment): the pre_softmax split kernel of the 16-bit types merges
+// its splits in the last CTA of each (b, g) (MergeTail) when there are at most
+// TOPT_CUDA_DECODE_FUSED_MAX_SPLITS (default 8) of them: one launch, no merge kernel. Measured on
+// the H100 (bench/results/cuda_kernel.md): no faster than the PDL'd merge kernel, whose launch
+// overlaps the split kernel's end, so the default build leaves it out.
+#ifndef TOPT_DECODE_FUSED_MERGE
+#define TOPT_DECODE_FUSED_MERGE 0
+#endif
+template <typename T, int D, int GM>
+auto PreSplitKernel(bool fuse) {
+  if constexpr (sizeof(T) == 2 && TOPT_DECODE_FUSED_MERGE) {
+    if (fuse) return DecodeSplitKernel<T, D, GM, kPre, true>;
+  }
+  return DecodeSplitKernel<T, D, GM, kPre, false>;
+}
+
+int FusedMaxSplits() {
+  static const int n = [] {
+    const char* s = std::getenv("TOPT_CUDA_DECODE_FUSED_MAX_SPLITS");
+    return !TOPT_DECODE_FUSED_MERGE ? 0 : s ? std::atoi(s) : 8;
+  }();
+  return n;
+}
+
 // The split kernels' smem attributes (once per instantiation: they are per device function): the K
 // ring as dynamic smem, and the largest smem carve-out, else the driver may pick one that holds
 // fewer CTAs than the registers allow.
@@ -1094,13 +1153,12 @@ template <typename T, int D, int GM>
 cudaError_t PrepareSplitKernels() {
   constexpr int ring = kStages * KStageBytes<T, D>();
   static cudaError_t status = [] {
-    for (auto k : {DecodeSplitKernel<T, D, GM, kPre>, DecodeSplitKernel<T, D, GM, kScores>}) {
+    for (auto k : {PreSplitKernel<T, D, GM>(false), PreSplitKernel<T, D, GM>(true), DecodeSplitKernel<T, D, GM, kScores>}) {
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
       if (e == cudaSuccess) e = cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
       if (e != cudaSuccess) return e;
     }
-    return cudaFuncSetAttribute(DecodeSplitKernel<T, D, GM, kPost>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                GM * kMaxSplits * int(sizeof(float)));
+    return cudaSuccess;
   }();
   return status;
 }
@@ -1111,7 +1169,7 @@ int SplitBlocksPerSm(const TopThetaParams& p) {
   if (PrepareSplitKernels<T, D, GM>() != cudaSuccess) return 1;
   int n = 0;
   const cudaError_t e = p.placement == Placement::kPreSoftmax
-      ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeSplitKernel<T, D, GM, kPre>, kThreads, kStages * KStageBytes<T, D>())
+      ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, PreSplitKernel<T, D, GM>(false), kThreads, kStages * KStageBytes<T, D>())
       : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeSplitKernel<T, D, GM, kScores>, kThreads, kStages * KStageBytes<T, D>());
   return e == cudaSuccess && n > 0 ? n : 1;
 }
@@ -1122,21 +1180,18 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
   constexpr int ring = kStages * KStageBytes<T, D>();
   static_assert(ring >= GM * kMaxSplits * int(sizeof(float)), "the merge tail's scratch lives in the K ring");
   if (const cudaError_t e = PrepareSplitKernels<T, D, GM>(); e != cudaSuccess) return e;
-  if (VSumNeeded(p) && !TOPT_DECODE_FUSED_MERGE) {  // before the splits: they and the merge wait for it
+  if (VSumNeeded(p)) {  // before the splits: they and the merge wait for it
     const dim3 vgrid(unsigned(kVSumChunks), unsigned(VSumHeads(p)), unsigned(p.B));
     DecodeVSumKernel<T><<<vgrid, unsigned(std::min<int64_t>(128, (p.Dv + 31) / 32 * 32)), 0, stream>>>(p, ws);
   }
-  // TOPT_DECODE_FUSED_MERGE: the last CTA of each (b, g) merges the splits (MergeTail); else the merge kernel.
-  if (p.placement == Placement::kPreSoftmax) {
-    DecodeSplitKernel<T, D, GM, kPre><<<grid, kThreads, ring, stream>>>(p, ws);
-  } else {
-    DecodeSplitKernel<T, D, GM, kScores><<<grid, kThreads, ring, stream>>>(p, ws);
-    cudaError_t err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads),
-                                TOPT_DECODE_FUSED_MERGE ? size_t(GM) * size_t(splits) * sizeof(float) : size_t(0), stream, p, ws);
-    if (err != cudaSuccess) return err;
-  }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || TOPT_DECODE_FUSED_MERGE) return err;
+  const bool fuse = p.placement == Placement::kPreSoftmax && sizeof(T) == 2 && splits <= FusedMaxSplits();
+  cudaError_t err = p.placement == Placement::kPreSoftmax
+      ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse), grid, dim3(kThreads), ring, stream, p, ws)
+      : LaunchPdl(DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, ws);
+  if (err == cudaSuccess && p.placement != Placement::kPreSoftmax)
+    err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, ws);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess || fuse) return err;
   return LaunchPdl(DecodeMergeKernel<T>, dim3(unsigned(p.Hq), unsigned(p.B)), dim3(kMergeThreads), 0, stream, p, ws, splits);
 }
 

@@ -11,6 +11,7 @@ namespace {
 // grid (Hq + 2·Hkv, S, B); one thread per pair of rotated elements (D / 2 threads).
 template <typename T>
 __global__ void GqaPrepKernel(GqaPrepParams p) {
+  LaunchDependents();  // the decode split kernel (PDL) may take its SM slots now; it waits for this grid's end
   const int64_t h = blockIdx.x, s = blockIdx.y, b = blockIdx.z, S = p.S, D = p.D;
   const int64_t heads = p.Hq + 2 * p.Hkv, half = p.rotary_dim / 2;
   const int32_t past = max(p.seqlens_k[b] + 1 - int32_t(S), 0);

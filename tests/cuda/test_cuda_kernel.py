@@ -25,6 +25,11 @@ SHAPES = [  # decode- and prefill-like shapes on top of the random grid
          placement="post_softmax", compensation="vmc"),
     Case(B=2, Hq=4, Hkv=4, S=70, Skv=70, P=33, Dh=128, Dv=128, is_causal=1, mask="float",
          placement="pre_softmax", compensation="sdc_exact+vmc"),
+    # large batches: few KV splits per (row, KV head)
+    Case(B=24, Hq=9, Hkv=3, S=1, Skv=1, P=4096, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact+vmc"),
+    Case(B=16, Hq=32, Hkv=8, S=1, Skv=1, P=3000, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact+vmc", with_past_v_sum=True),
 ]
 CASES = SHAPES + [replace(c, seed=c.seed + 7) for c in covering_cases()] + sampled_cases(120, seed=21)
 # fp32 kernels accumulate in another order than the float64 reference; fp16 outputs round once.
