@@ -44,7 +44,9 @@ cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
       const int64_t cb = cuda_detail::DecodeCounterBytes(p);
       if ((err = cudaMemsetAsync(static_cast<char*>(ws) + (bytes - cb) / 16 * 16, 0, size_t(cb), stream)) != cudaSuccess) return err;
     }
-    err = cuda_detail::LaunchDecode(p, splits, ws, ws_bytes, stream);
+    TopThetaParams dp = p;
+    dp.after_decode_front = p.after_decode_front && !own;  // a memset ran after the front
+    err = cuda_detail::LaunchDecode(dp, splits, ws, ws_bytes, stream);
     if (own) {
       const cudaError_t free_err = cudaFreeAsync(ws, stream);
       if (err == cudaSuccess) err = free_err;

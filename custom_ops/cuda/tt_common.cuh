@@ -56,7 +56,7 @@ struct KvGeom {
 __device__ __forceinline__ KvGeom GetGeom(const TopThetaParams& p, int64_t b) {
   KvGeom g;
   if (p.kv_layout == KvLayout::kSharedBuffer) {
-    g.past_rows = p.past_seqlens[b];
+    g.past_rows = max(p.past_seqlens[b], 0);  // on the device nobody checked it (the GQA front reads seqlens_k)
     g.past_len = p.P;
   } else {
     g.past_rows = p.past_key ? p.P : 0;

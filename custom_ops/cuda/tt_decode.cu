@@ -38,8 +38,11 @@ struct Cfg {
 
 // Workspace layout (floats): part_acc [B, Hkv, splits, G, D], part_f [B, Hkv, splits, G, kPartF],
 // p1 [B, Hkv, splits, G, kPartF] (post pass 1), scores [B, Hq, Tbuf] (post).
-// Arrival counters [B, Hkv] (unsigned) sit in the last CounterBytes of the workspace: zero at launch,
-// the last CTA of each (b, g) resets its counter, so they are zero again after every call.
+// Counters sit in the last CounterBytes of the workspace, zero at launch and again after every call:
+// arrivals [B, Hkv] (the fused tail's last CTA of each (b, g) resets its own) and claimed warp
+// tiles [B, Hkv], kClaimStride apart (kPre; the merge resets them once the splits are done).
+// Every warp claims from its (b, g)'s counter, and counters sharing a line queue in one L2 slice.
+constexpr int kClaimStride = 32;  // unsigned: 128 bytes
 // VMC without past_v_sum (a compiled model carries no running V sum): v̄'s numerator comes from
 // kVSumChunks partial sums per (b, group) [or per (b, h) when the mask differs per head], summed in
 // parallel by DecodeVSumKernel before the splits, so no thread walks the whole cache.
@@ -58,7 +61,7 @@ __host__ __device__ inline int64_t VSumHeads(const TopThetaParams& p) { return V
 
 struct Ws {
   float *acc, *part, *p1, *scores, *vsum, *vsplit;
-  unsigned* count;
+  unsigned *count, *tiles;
   int64_t tbuf;
 };
 
@@ -66,11 +69,15 @@ __host__ __device__ inline int64_t Tbuf(const TopThetaParams& p) {
   return p.kv_layout == KvLayout::kSharedBuffer ? p.P : p.P + p.Skv;
 }
 
-__host__ __device__ inline int64_t CounterBytes(const TopThetaParams& p) { return (p.B * p.Hkv * 4 + 15) / 16 * 16; }
+__host__ __device__ inline int64_t CounterBytes(const TopThetaParams& p) {
+  return (p.B * p.Hkv * 4 + 127) / 128 * 128 + p.B * p.Hkv * kClaimStride * 4 + 128;  // + 128: alignment slack
+}
 
 __host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const TopThetaParams& p, int splits) {
   Ws w;
   w.count = reinterpret_cast<unsigned*>(static_cast<char*>(base) + (total_bytes - CounterBytes(p)) / 16 * 16);
+  const uintptr_t after = reinterpret_cast<uintptr_t>(w.count + p.B * p.Hkv);
+  w.tiles = reinterpret_cast<unsigned*>((after + 127) / 128 * 128);
   const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
   w.acc = static_cast<float*>(base);
   w.part = w.acc + units * p.Dv;
@@ -126,6 +133,16 @@ __device__ int64_t CountVisible(const TopThetaParams& p, int64_t end, int64_t b,
   return int64_t(t);
 }
 
+// *ctr += 1, returning the old value, not awaited until that value is used. ptxas turns a one-lane
+// atomicAdd (also inline `atom.add`, and `atom.inc` with an all-ones limit) into a warp-aggregated
+// atomic that shuffles its result right away: every claim then waited its L2 round trip (ncu: 20-26%
+// of the split kernel's stall samples). `atom.inc` with limit 2^31 - 1 is left alone.
+__device__ __forceinline__ unsigned AtomicAddNoWait(unsigned* ctr) {
+  unsigned old;
+  asm volatile("atom.global.inc.u32 %0, [%1], 2147483647;\n" : "=r"(old) : "l"(ctr));
+  return old;
+}
+
 __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0));
@@ -162,7 +179,23 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const unsigned (&a)[4], 
 #ifndef TOPT_DECODE_MIN_BLOCKS
 #define TOPT_DECODE_MIN_BLOCKS 3
 #endif
+#ifndef TOPT_DECODE_CLAIM
+#define TOPT_DECODE_CLAIM 1  // kPre, 16-bit: an instance that claims warp tiles (0: all dealt statically)
+#endif
+#ifndef TOPT_DECODE_CLAIM_AHEAD
+#define TOPT_DECODE_CLAIM_AHEAD 4  // kPre: tiles between a claim and its use
+#endif
 constexpr int kStages = TOPT_DECODE_STAGES;  // K tiles in flight per CTA (cp.async ring)
+
+// Claimed warp tiles pay where a (b, g) has a few splits (2-8: its warps' claims on one counter do
+// not queue; at B = 1, 50 splits of 32/8 heads, 32K ran 10% slower with claims), each warp with
+// several tiles to claim beyond the static deal (else each waits for the claim that says its row is
+// done: B = 1, 9/3 heads, 8K, 0.0155 → 0.0179 ms). One split per (b, g) has no other CTA to balance
+// against, and the instance with the claim code runs 5% slower there (B = 32, 32/8 heads, Dh 128,
+// 32K), hence two instances.
+__host__ __device__ inline bool ClaimsPay(int64_t warp_tiles, int splits) {
+  return splits > 1 && splits <= 8 && warp_tiles - int64_t(kStages) * splits * kWarps >= 4 * int64_t(splits) * kWarps;
+}
 constexpr int kMinBlocks = TOPT_DECODE_MIN_BLOCKS;  // resident CTAs per SM the registers allow (G <= 4)
 
 template <typename T, int D>
@@ -226,7 +259,7 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  if (tid == 0) *ctr = 0u;  // every CTA of (b, g) has arrived: ready for the next call / graph replay
+  if (tid == 0) *ctr = 0u, ws.tiles[(b * p.Hkv + g) * kClaimStride] = 0u;  // every CTA of (b, g) has arrived: ready for the next call / graph replay
   const int64_t bu = (b * p.Hkv + g) * int64_t(splits) * G;  // unit of (split s, head r): bu + s·G + r
   for (int r = warp; r < G; r += kWarps) {
     float m = -INFINITY;
@@ -352,7 +385,7 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
 // Warp w owns rows [w·RW, w·RW + RW) of every tile end to end — scores, decisions, compaction,
 // V gather — with its own running max, so the only CTA barrier per tile is the K ring's.
 // kFuse (kPre): the last CTA of each (b, g) merges the splits (MergeTail) instead of the merge kernel.
-template <typename T, int D, int GM, int kMode, bool kFuse = false>
+template <typename T, int D, int GM, int kMode, bool kFuse = false, bool kClaimed = false>
 __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSplitKernel(TopThetaParams p, Ws ws) {
   using C = Cfg<T, D>;
   constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, TK = C::TK;
@@ -381,9 +414,9 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   static_assert(kMode != kPre || kWarps * GM * D * 4 <= kStages * TK * D * int(sizeof(T)), "accs fit in the ring");
   float(*accs)[GM][D] = kMode == kPre ? reinterpret_cast<float(*)[GM][D]>(kring_raw) : accs_own;
 
-  // Launched with PDL after the decode front (GqaPrepKernel), whose outputs, past_seqlens included,
-  // everything below reads: the CTAs are resident by the time it ends.
-  if constexpr (kMode != kPost) WaitPrerequisite();
+  // Launched with PDL: the CTAs are resident by the time the kernel before ends. Everything below
+  // waits for its results, except, after the GQA decode front, the first K tiles of the past.
+  if constexpr (kMode != kPost) if (!p.after_decode_front) WaitPrerequisite();
   const int s = blockIdx.x, splits = gridDim.x;
   const int64_t g = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -392,15 +425,26 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   const int64_t n_keys = RowEnd(p, geo, 0);  // keys [0, n_keys) before the mask
   int64_t lo, hi;  // kPost's keys and the stale V sum's rows: a contiguous range
   SplitRange(n_keys, s, splits, TK, lo, hi);
-  // The tile loop (kPre, kScores) takes tiles s, s + splits, ...: real rows keep runs of keys (the
-  // first ones and the latest), which contiguous ranges hand to a few splits, and the slowest
-  // split sets the kernel's time (ncu, real step: busiest SM 17% above the mean; 4% with spread rows).
-  const int64_t all_tiles = (n_keys + TK - 1) / TK;
-  const int ntiles = kMode == kPost ? int((hi - lo + TK - 1) / TK) : s < all_tiles ? int((all_tiles - 1 - s) / splits + 1) : 0;
-  auto tile_start = [&](int it) {
-    return kMode == kPost ? lo + int64_t(it) * TK : (int64_t(s) + int64_t(it) * splits) * TK;
-  };
-  const int64_t key_end = kMode == kPost ? hi : n_keys;  // keys of a tile: [t0, min(t0 + TK, key_end))
+  // The tile loop (kPre, kScores) runs each warp over warp tiles of RW keys (warp tile w: keys
+  // [w·RW, w·RW + RW)) through its own slice of the K ring. Its it-th is dealt statically,
+  // (s + it·splits)·kWarps + warp: the CTA's warps take neighbours and the splits stripe the row,
+  // since real rows keep runs of keys (the first ones and the latest) that contiguous ranges hand
+  // to a few splits (ncu, real step: busiest SM 17% above the mean; 4% with spread rows). kPre deals
+  // only the first kStages so; a warp claims each later one from the (b, g) counter, so warps that
+  // run ahead (an SM with fewer CTAs, fewer kept rows) take more, and the splits end together
+  // (static: the busiest SM ran 11% above the mean).
+  const int n_wt = int((n_keys + RW - 1) / RW);
+  constexpr bool kClaim = kClaimed && kMode == kPre;
+  // The claiming instance (kClaim, chosen by ClaimsPay) deals the first st_its = kStages of each
+  // warp's tiles statically (they fill the ring), the rest [wt_static, n_wt) by claims, where this
+  // row leaves each warp several to claim: a warp learns that its row is done from a claim's answer.
+  const int wt_dealt = kStages * splits * kWarps;
+  const bool claiming = kClaim && ClaimsPay(n_wt, splits);
+  const int st_its = claiming ? kStages : 0x7fffffff;
+  const int wt_static = claiming ? wt_dealt : 0;
+  auto static_wt = [&](int it) { return (s + it * splits) * kWarps + warp; };
+  unsigned* claims = ws.tiles + (b * p.Hkv + g) * kClaimStride;
+  const int64_t key_end = kMode == kPost ? hi : n_keys;
   const int64_t unit = ((b * p.Hkv + g) * splits + s) * G;  // first (split, head) unit of this CTA
   const int row0 = warp * RW;
 
@@ -409,30 +453,51 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   // K ring: tile `it` → stage it % kStages. Each warp copies its own rows [row0, row0 + RW) (lane:
   // 16-byte chunks lane, lane + 32, ...) and alone reads them, so a tile needs no CTA barrier: a
   // warp held up by its V gathers does not hold up the others.
-  auto issue = [&](int it) {
-    if (it < ntiles) {
-      const int64_t t0 = tile_start(it);
+  // Copies warp tile `wt` into stage it % kStages (this warp's rows of it), then commits a group.
+  auto issue = [&](int wt, int it) {
+    if (wt < n_wt) {
+      const int64_t k0 = int64_t(wt) * RW;
       T* stage = kring + (it % kStages) * TK * D;
-      if (t0 + TK <= min(key_end, geo.past_rows)) {  // whole tile in the past buffer: 32-bit offsets
-        const T* base = static_cast<const T*>(p.past_key) + ((b * p.Hkv + g) * geo.past_len + t0) * D;
+      if (k0 + RW <= min(key_end, geo.past_rows)) {  // all in the past buffer: 32-bit offsets
+        const T* base = static_cast<const T*>(p.past_key) + ((b * p.Hkv + g) * geo.past_len + k0) * D;
 #pragma unroll
-        for (int x = row0 * LPR + lane; x < (row0 + RW) * LPR; x += 32) CpAsync16(stage + Swz(x / LPR, x % LPR), base + x * E, true);
+        for (int i = lane; i < RW * LPR; i += 32) CpAsync16(stage + Swz(row0 + i / LPR, i % LPR), base + i * E, true);
       } else {
 #pragma unroll
-        for (int x = row0 * LPR + lane; x < (row0 + RW) * LPR; x += 32) {
-          const int row = x / LPR, c = x % LPR;
-          const int64_t j = t0 + row;
+        for (int i = lane; i < RW * LPR; i += 32) {
+          const int c = i % LPR;
+          const int64_t j = k0 + i / LPR;
           const bool ok = j < key_end;
-          CpAsync16(stage + Swz(row, c),
-                    KvRow<T>(p.past_key, p.k_new, p, geo, b, g, ok ? j : t0, D) + c * E, ok);
+          CpAsync16(stage + Swz(row0 + i / LPR, c),
+                    KvRow<T>(p.past_key, p.k_new, p, geo, b, g, ok ? j : k0, D) + c * E, ok);
         }
       }
     }
     CpAsyncCommit();
   };
+  int wts_of[kStages];  // warp tiles of the ring's next stages: it, it + 1, ... (warp-uniform)
+  // lane 0 (kClaim): claims in flight, claimq[i] for stage it + kStages + i; a claim is made
+  // kAhead tiles before its use, so its round trip to L2 hides behind the tiles' work.
+  constexpr int kAhead = TOPT_DECODE_CLAIM_AHEAD;
+  int claimq[kAhead];
+  auto claim = [&](int stage_it, int& slot) {
+    if (kClaim && lane == 0 && stage_it >= st_its) slot = int(AtomicAddNoWait(claims));  // wt_static added at the use: an add here would await the atomic
+  };
   if constexpr (kMode != kPost) {
 #pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) issue(st);
+    for (int st = 0; st < kStages; ++st) wts_of[st] = static_wt(st);
+    // After the decode front, the ring's first tiles are copied before the wait when all of them
+    // lie in the past buffer (the front writes the new row): their loads overlap the front's run.
+    bool early = p.after_decode_front;
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st)
+      early = early && (wts_of[st] >= n_wt || int64_t(wts_of[st] + 1) * RW <= min(key_end, geo.past_rows));
+    if (p.after_decode_front && !early) WaitPrerequisite();
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) issue(wts_of[st], st);
+#pragma unroll
+    for (int i = 0; i + 1 < kAhead; ++i) claim(kStages + i, claimq[i]);
+    if (early) WaitPrerequisite();
   }
 
   // Per-head row constants (uniform across the CTA).
@@ -542,8 +607,8 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       pend_k[u] = -1;
     }
   };
-  auto vrow = [&](int64_t t0, int k) {  // V row (tile row k) at this lane's column chunk
-    if (t0 + TK <= geo.past_rows)
+  auto vrow = [&](int64_t t0, int k) {  // V row of key t0 + k (tile row k) at this lane's column chunk
+    if (t0 + row0 + RW <= geo.past_rows)
       return static_cast<const T*>(p.past_value) + ((b * p.Hkv + g) * geo.past_len + t0 + k) * D + col * E;
     return KvRow<T>(p.past_value, p.v_new, p, geo, b, g, t0 + k, D) + col * E;
   };
@@ -635,15 +700,25 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   }
 
   if constexpr (kMode != kPost) {  // kPre, kScores: the K tiles through the cp.async ring
-    for (int it = 0; it < ntiles; ++it) {
-      const int64_t t0 = tile_start(it);
+    // Next stage's warp tiles: one along, and the claimed (or dealt) one for it + kStages - 1.
+    auto advance = [&](int it) {
+#pragma unroll
+      for (int st = 0; st + 1 < kStages; ++st) wts_of[st] = wts_of[st + 1];
+      wts_of[kStages - 1] = it + kStages - 1 < st_its ? static_wt(it + kStages - 1) : wt_static + __shfl_sync(0xffffffffu, claimq[0], 0);
+#pragma unroll
+      for (int i = 0; i + 1 < kAhead; ++i) claimq[i] = claimq[i + 1];
+    };
+    int it = 0;
+    for (; wts_of[0] < n_wt; ++it, advance(it)) {
+      const int64_t t0 = int64_t(wts_of[0]) * RW - row0;  // key of tile row 0: this warp's rows are row0..
       const int buf = it & 1;
       // 1) scores of this warp's rows.
       float a_r[GM];
       {
         CpAsyncWait<kStages - 2>();
         __syncwarp();  // this warp's rows of tile `it` landed for every lane; its rows of tile it-1 are free
-        issue(it + kStages - 1);
+        issue(wts_of[kStages - 1], it + kStages - 1);
+        claim(it + kStages + kAhead - 1, claimq[kAhead - 1]);
         const T* stage = kring + (it % kStages) * TK * D;
         if constexpr (kMma) {
           const unsigned sbase = static_cast<unsigned>(__cvta_generic_to_shared(stage));
@@ -813,7 +888,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       float one[GM];
 #pragma unroll
       for (int r = 0; r < GM; ++r) one[r] = 1.f;
-      consume((ntiles + 1) & 1, one);  // the last tile's rows
+      consume((it + 1) & 1, one);  // the last tile's rows
     }
   }
   if constexpr (kMode != kPost) CpAsyncWait<0>();
@@ -989,6 +1064,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     }
   }
   WaitPrerequisite();
+  if (r == 0 && tid == 0) ws.tiles[(b * p.Hkv + g) * kClaimStride] = 0u;  // the splits are done claiming tiles: zero for the next call
   // 2) Warp w takes splits w, w + NWM, ...: m_s and acc_s (lane c: columns 4c..4c+3) loaded together,
   // a running max per warp; threads t < splits also load split t's sums.
   const int64_t nq = Dv / 4;
@@ -1131,9 +1207,12 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 #define TOPT_DECODE_FUSED_MERGE 0
 #endif
 template <typename T, int D, int GM>
-auto PreSplitKernel(bool fuse) {
+auto PreSplitKernel(bool fuse, bool claim = false) {
   if constexpr (sizeof(T) == 2 && TOPT_DECODE_FUSED_MERGE) {
     if (fuse) return DecodeSplitKernel<T, D, GM, kPre, true>;
+  }
+  if constexpr (sizeof(T) == 2 && TOPT_DECODE_CLAIM) {
+    if (claim) return DecodeSplitKernel<T, D, GM, kPre, false, true>;
   }
   return DecodeSplitKernel<T, D, GM, kPre, false>;
 }
@@ -1153,7 +1232,8 @@ template <typename T, int D, int GM>
 cudaError_t PrepareSplitKernels() {
   constexpr int ring = kStages * KStageBytes<T, D>();
   static cudaError_t status = [] {
-    for (auto k : {PreSplitKernel<T, D, GM>(false), PreSplitKernel<T, D, GM>(true), DecodeSplitKernel<T, D, GM, kScores>}) {
+    for (auto k : {PreSplitKernel<T, D, GM>(false), PreSplitKernel<T, D, GM>(true), PreSplitKernel<T, D, GM>(false, true),
+                   DecodeSplitKernel<T, D, GM, kScores>}) {
       cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
       if (e == cudaSuccess) e = cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
       if (e != cudaSuccess) return e;
@@ -1185,8 +1265,11 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
     DecodeVSumKernel<T><<<vgrid, unsigned(std::min<int64_t>(128, (p.Dv + 31) / 32 * 32)), 0, stream>>>(p, ws);
   }
   const bool fuse = p.placement == Placement::kPreSoftmax && sizeof(T) == 2 && splits <= FusedMaxSplits();
+  // the claiming instance where the longest row the buffer holds would use its claims
+  constexpr int64_t kWarpTileRows = Cfg<T, D>::RPW * Cfg<T, D>::U;
+  const bool claim = ClaimsPay((Tbuf(p) + kWarpTileRows - 1) / kWarpTileRows, splits);
   cudaError_t err = p.placement == Placement::kPreSoftmax
-      ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse), grid, dim3(kThreads), ring, stream, p, ws)
+      ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse, claim), grid, dim3(kThreads), ring, stream, p, ws)
       : LaunchPdl(DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, ws);
   if (err == cudaSuccess && p.placement != Placement::kPreSoftmax)
     err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, ws);

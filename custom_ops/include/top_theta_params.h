@@ -69,6 +69,11 @@ struct TopThetaParams {
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
 
+  // Set by the CUDA glue when the kernel right before on the stream is the GQA decode front
+  // (TopThetaGroupQueryAttention, S = 1), launched normally: it writes q, k_new, v_new only, so the
+  // decode split kernel may read what else it needs (past K, past_seqlens) before its PDL wait.
+  bool after_decode_front = false;
+
   int64_t total_kv() const { return kv_layout == KvLayout::kConcat ? P + Skv : P; }
   int64_t group_size() const { return Hq / Hkv; }
 };

@@ -97,7 +97,8 @@ CudaNodeState::VSumState& CudaNodeState::StateFor(const TopThetaParams& p, cudaS
   return vsum_states_[p.past_value];
 }
 
-void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes) {
+void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes,
+                           const std::function<void()>& front) {
   std::lock_guard<std::mutex> lock(mu_);
   if (WantsVSumState(p)) {  // first: the workspace size depends on it
     VSumState& st = StateFor(p, stream, attributes);
@@ -119,6 +120,7 @@ void CudaNodeState::Launch(TopThetaParams& p, cudaStream_t stream, const Attribu
     p.workspace_bytes = sc.cap;  // counters at the end of cap, data at the front (cap >= data + tail)
     sc.zero_tail = std::min(sc.zero_tail, sc.cap - (data + 15) / 16 * 16);
   }
+  if (front) front();
   Check(LaunchTopThetaCuda(p, stream), attributes, "CUDA launch failed");
 }
 
@@ -136,8 +138,11 @@ OrtStatusPtr TopThetaGqaCudaKernel::ComputeV2(OrtKernelContext* context) {
     auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
     if (call.p.S == 1) {
       PlaceGqaScratch(call, state.DecodeFrontScratch(call.scratch_bytes, stream, a));
-      Check(LaunchGqaPrep(call.prep, stream), a, "CUDA launch failed");
-      state.Launch(call.p, stream, a);
+      // The front right before the split kernel, which reads past = seqlens_k (S = 1) from the input,
+      // not the front's copy, and so starts on the past K while the front runs (after_decode_front).
+      call.p.past_seqlens = call.prep.seqlens_k;
+      call.p.after_decode_front = true;
+      state.Launch(call.p, stream, a, [&] { Check(LaunchGqaPrep(call.prep, stream), a, "CUDA launch failed"); });
       return;
     }
     std::lock_guard<std::mutex> lock(state.prompt_pool->mu);  // until the kernels using it are enqueued

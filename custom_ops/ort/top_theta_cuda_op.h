@@ -47,8 +47,10 @@ class CudaNodeState {
  public:
   CudaNodeState() : prompt_pool(PromptScratchPool::Get()) {}
   ~CudaNodeState();
-  // Enqueues the op for `p` on `stream` (workspace and running V sum filled in here).
-  void Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes);
+  // Enqueues the op for `p` on `stream` (workspace and running V sum filled in here). `front`, if
+  // given, enqueues the GQA front's kernel right before the op's (after any memset of the scratch).
+  void Launch(TopThetaParams& p, cudaStream_t stream, const Attributes& attributes,
+              const std::function<void()>& front = {});
   // Scratch of at least `bytes` for the GQA front of a decode call, valid for the calls queued on `stream`.
   void* DecodeFrontScratch(int64_t bytes, cudaStream_t stream, const Attributes& attributes);
   const std::shared_ptr<PromptScratchPool> prompt_pool;  // the front's scratch of prompt calls

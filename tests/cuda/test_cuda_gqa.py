@@ -25,6 +25,11 @@ CASES = [
     GqaCase(B=1, S=1, past=(900,), M=1024, Hq=9, Hkv=3, D=64, rotary_dim=64, placement="pre_softmax",
             compensation="sdc_exact+vmc", seed=9),
     GqaCase(B=2, S=40, past=(0, 0), M=64, Hq=9, Hkv=3, D=64, rotary_dim=64, dtype="float16", seed=10),
+    # long rows, many splits per KV head: claimed warp tiles, the split kernel's K loads before its wait
+    GqaCase(B=3, S=1, past=(2000, 17, 4000), M=4096, Hq=9, Hkv=3, D=64, rotary_dim=64, dtype="float16",
+            placement="pre_softmax", compensation="sdc_exact+vmc", k=64, seed=13),
+    GqaCase(B=2, S=1, past=(3001, 1500), M=4096, Hq=32, Hkv=8, D=128, rotary_dim=128, dtype="float16",
+            placement="pre_softmax", compensation="sdc_exact+vmc", k=64, seed=14),
 ]
 
 
@@ -51,6 +56,23 @@ def test_cuda_matches_the_reference(topt_library, case):
         else:
             np.testing.assert_allclose(got[i].astype(np.float64), expected[i].astype(np.float64), atol=tol, rtol=tol,
                                        err_msg=f"{case} {name}")
+
+
+@pytest.mark.parametrize("placement", ["pre_softmax", "post_softmax"])
+def test_one_node_called_again_on_long_rows_matches_the_reference_every_time(topt_library, placement):
+    """The split kernel's counters (claimed tiles, arrivals) live in the node's scratch between calls:
+    each call must start from zero whatever the rows before it were."""
+    case = GqaCase(B=2, S=1, past=(3000, 2500), M=4096, Hq=9, Hkv=3, D=64, rotary_dim=64, dtype="float16",
+                   placement=placement, compensation="sdc_exact+vmc" if placement == "pre_softmax" else "vmc", k=64)
+    session = _session(topt_gqa_model(case, gqa_inputs(case), ("output", "stats")), topt_library)
+    for t, past in enumerate([(3000, 2500), (3037, 2399), (40, 4000), (4090, 3), (3000, 2500)]):
+        step = replace(case, past=past, seed=100 + t)
+        inputs = gqa_inputs(step)
+        expected = reference(step, inputs)
+        got = session.run(None, feeds(inputs))
+        np.testing.assert_allclose(got[0].astype(np.float64), expected[0].astype(np.float64),
+                                   atol=TOL["float16"], rtol=TOL["float16"], err_msg=f"call {t}, past {past}")
+        np.testing.assert_array_equal(got[1], expected[4], err_msg=f"call {t}, past {past}: stats")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
