@@ -144,6 +144,10 @@ def _thresholds(case: Case, rng, lengths) -> np.ndarray:
         return np.full(shape, np.inf if rng.random() < 0.5 else 1e30, np.float32)
     if case.theta_mode == "keep_all":
         return np.full(shape, -1e30 if case.placement == "pre_softmax" else 0.0, np.float32)
+    if case.theta_mode == "sparse":  # keeps ~0.1% of the scores: most 16 × 64 tiles of a prompt keep nothing
+        if case.placement == "post_softmax":
+            return (rng.uniform(8.0, 40.0, shape) / (np.maximum(lengths, 1) + 4)).astype(np.float32)
+        return rng.uniform(4.0, 6.0, shape).astype(np.float32)
     if case.placement == "post_softmax":  # around 1/n: keeps a few of each row
         n = np.maximum(lengths, 1) + 4
         return (rng.uniform(0.3, 3.0, shape) / n).astype(np.float32)

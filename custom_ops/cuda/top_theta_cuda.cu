@@ -11,6 +11,7 @@ int g_forced_splits = 0;
 bool g_disable_decode = false;
 
 bool UseDecode(const TopThetaParams& p) { return !g_disable_decode && cuda_detail::DecodeSupported(p); }
+bool UsePrefill(const TopThetaParams& p) { return !g_disable_decode && !UseDecode(p) && cuda_detail::PrefillSupported(p); }
 
 }  // namespace
 
@@ -20,6 +21,7 @@ void SetTopThetaCudaTuning(int decode_splits, bool disable_decode_path) {
 }
 
 int64_t TopThetaCudaWorkspaceBytes(const TopThetaParams& p) {
+  if (UsePrefill(p)) return cuda_detail::PrefillWorkspaceBytes(p);
   if (!UseDecode(p)) return 0;
   return cuda_detail::DecodeWorkspaceBytes(p, cuda_detail::DecodeSplits(p, g_forced_splits));
 }
@@ -56,8 +58,17 @@ cudaError_t LaunchTopThetaCuda(const TopThetaParams& p, cudaStream_t stream) {
   // Not a decode step: the rows this call writes may change sums the state holds.
   if (p.vsum_state_len && (err = cudaMemsetAsync(p.vsum_state_len, 0xff, size_t(2 * p.B) * sizeof(int32_t), stream)) != cudaSuccess)
     return err;
-  if (!g_disable_decode && cuda_detail::PrefillSupported(p)) {  // prompts and chunks: the tiled tensor-core kernel
-    if ((err = cuda_detail::LaunchPrefill(p, stream)) != cudaSuccess) return err;
+  if (UsePrefill(p)) {  // prompts and chunks: the tiled tensor-core kernel
+    const int64_t bytes = cuda_detail::PrefillWorkspaceBytes(p);
+    void* ws = p.workspace;
+    const bool own = bytes > 0 && (ws == nullptr || p.workspace_bytes < bytes);
+    if (own && (err = cudaMallocAsync(&ws, size_t(bytes), stream)) != cudaSuccess) return err;
+    err = cuda_detail::LaunchPrefill(p, ws, stream);
+    if (own) {
+      const cudaError_t free_err = cudaFreeAsync(ws, stream);
+      if (err == cudaSuccess) err = free_err;
+    }
+    if (err != cudaSuccess) return err;
     return cuda_detail::LaunchPresentVSum(p, stream);
   }
   if (p.stats && (err = cudaMemsetAsync(p.stats, 0, size_t(p.B * p.Hq * kNumStats) * sizeof(int64_t), stream)) != cudaSuccess)

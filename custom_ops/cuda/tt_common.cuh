@@ -47,6 +47,15 @@ __device__ __forceinline__ void Unpack16(const uint4& u, float* out) {
   for (int e = 0; e < Vec16<T>::E; ++e) out[e] = ToF<T>(x[e]);
 }
 
+// 16 bytes global -> shared without registers; pred false zero-fills (gmem must still be a valid address).
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // Keys of batch b: rows [0, past_rows) come from the past buffer, [past_rows, valid_end) from the
 // new input; query i sits at position past_rows + i and, when causal, sees keys j <= it.
 struct KvGeom {

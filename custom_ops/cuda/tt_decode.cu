@@ -143,13 +143,6 @@ __device__ __forceinline__ unsigned AtomicAddNoWait(unsigned* ctr) {
   return old;
 }
 
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pred) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Tensor-core scores (16-bit T): the tile's keys are the M rows of m16n8k16, the G heads
 // (padded to 8) the N columns, so a 16-key × 16-dim block of K is one ldmatrix.x4 and one mma.

@@ -20,9 +20,11 @@ cudaError_t LaunchPresentVSum(const TopThetaParams& p, cudaStream_t stream);
 cudaError_t LaunchGeneric(const TopThetaParams& p, cudaStream_t stream);
 
 // tt_prefill.cu: S > 1, float16, Dh = Dv in {64, 128}, no mask, no stats, no past_v_sum, 16-byte
-// aligned rows; tensor-core tiles of 64 rows × 64 keys. Writes Y only.
+// aligned rows; tensor-core tiles of 64 rows × 64 keys. Writes Y only. Workspace (VMC: V's column
+// sums per 64-key tile): PrefillWorkspaceBytes.
 bool PrefillSupported(const TopThetaParams& p);
-cudaError_t LaunchPrefill(const TopThetaParams& p, cudaStream_t stream);
+int64_t PrefillWorkspaceBytes(const TopThetaParams& p);
+cudaError_t LaunchPrefill(const TopThetaParams& p, void* workspace, cudaStream_t stream);
 
 // tt_decode.cu: S = 1, Dh = Dv in {64, 128}, G <= 8, 16-byte aligned rows; split-KV, then the
 // merge kernel (or, with -DTOPT_DECODE_FUSED_MERGE=1, the last CTA of each (b, g) merging).

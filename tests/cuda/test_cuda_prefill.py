@@ -26,7 +26,24 @@ def prefill_cases(count: int, seed: int) -> list[Case]:
         cases.append(Case(B=int(rng.integers(1, 3)), Hq=Hkv * int(rng.choice([1, 3, 4])), Hkv=Hkv, S=S, Skv=S, P=P, Dh=D, Dv=D,
                           dtype="float16", kv_layout=layout, is_causal=int(rng.random() < 0.85), placement=placement,
                           compensation=compensation, k=int(rng.choice([0, 0, 3, 40])),
-                          theta_mode=str(rng.choice(["mixed", "mixed", "mixed", "keep_none", "keep_all", "minus_inf"])),
+                          theta_mode=str(rng.choice(["mixed", "mixed", "sparse", "sparse", "keep_none", "keep_all", "minus_inf"])),
+                          seed=seed * 1000 + i))
+    return cases
+
+
+def long_prefill_cases(count: int, seed: int) -> list[Case]:
+    """Prompts of many key tiles (the 2-stage copy ring, the online max, partial diagonal tiles at
+    unaligned pasts), mostly with sparse thresholds so that warps skip P·V in some tiles."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        Hkv, D = int(rng.choice([1, 2])), int(rng.choice([64, 128]))
+        S, past = int(rng.choice([333, 640, 1100])), int(rng.choice([0, 37, 200]))
+        placement = str(rng.choice(["post_softmax", "pre_softmax"]))
+        cases.append(Case(B=1, Hq=Hkv * int(rng.choice([1, 3])), Hkv=Hkv, S=S, Skv=S, P=past + S + int(rng.integers(0, 5)),
+                          Dh=D, Dv=D, dtype="float16", kv_layout="shared_buffer", is_causal=int(rng.random() < 0.8),
+                          placement=placement, compensation=str(rng.choice(COMPENSATIONS[placement])),
+                          k=int(rng.choice([0, 50])), theta_mode=str(rng.choice(["sparse", "sparse", "mixed"])),
                           seed=seed * 1000 + i))
     return cases
 
@@ -34,7 +51,12 @@ def prefill_cases(count: int, seed: int) -> list[Case]:
 CASES = [Case(B=1, Hq=9, Hkv=3, S=512, Skv=512, P=600, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
               is_causal=1, placement="post_softmax", compensation="vmc"),
          Case(B=2, Hq=8, Hkv=2, S=100, Skv=100, P=140, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
-              is_causal=1, placement="pre_softmax", compensation="sdc_exact+vmc", dense_prompt=1)] + prefill_cases(40, seed=31)
+              is_causal=1, placement="pre_softmax", compensation="sdc_exact+vmc", dense_prompt=1),
+         # every row dense (dense_prompt, or k >= any row length): post-softmax runs the one-pass kernel
+         Case(B=1, Hq=6, Hkv=2, S=300, Skv=300, P=340, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
+              is_causal=1, placement="post_softmax", compensation="vmc", dense_prompt=1, theta_mode="sparse"),
+         Case(B=2, Hq=4, Hkv=1, S=150, Skv=150, P=0, Dh=128, Dv=128, dtype="float16", kv_layout="concat",
+              is_causal=1, placement="post_softmax", compensation="vmc", k=150, theta_mode="sparse")] + prefill_cases(40, seed=31) + long_prefill_cases(10, seed=32)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
