@@ -7,7 +7,8 @@
 //                so exact SDC's dropped mass is Z − Σ kept e.
 //   post_softmax: pass 1, the row max and Z over K alone; pass 2 keeps e/Z > θ.
 // The kept e's, rounded to fp16, times V (mma) — skipped for a warp whose 16 rows keep nothing in
-// the tile. v̄'s numerator (VMC): the tiles every row of the CTA sees whole add their column sums
+// the tile, which each row's tile max decides (the keep rule is monotone in the score), so such a
+// tile costs its Q·Kᵀ and, pre-softmax, one exp per score for Z. v̄'s numerator (VMC): the tiles every row of the CTA sees whole add their column sums
 // (TileColSumsKernel, once per (b, g) before); the ≤ 2 tiles some rows see in part are read once
 // more at the end, as an mma with the 0/1 visibility. Y from RowWeights (tt_common.cuh), as the
 // decode kernel.
@@ -114,6 +115,13 @@ __device__ __forceinline__ float Exp2(float x) {  // MUFU.EX2; -inf gives 0
 
 // Tiles of 64 keys per (b, g) that the column sums cover: every key the buffers can hold.
 int64_t ColSumTiles(const TopThetaParams& p) { return (p.total_kv() + kPfKeys - 1) / kPfKeys; }
+
+// Every row dense (n <= k for any n the buffers allow; dense_prompt makes k unbounded): nothing is
+// dropped, both placements are exact softmax and v̄ has weight 0.
+bool AllRowsDense(const TopThetaParams& p) { return p.k >= p.total_kv(); }
+
+// v̄'s numerator is needed (VMC on a row that may drop keys): the column sums, in the workspace.
+bool NeedsColSums(const TopThetaParams& p) { return p.vmc && !AllRowsDense(p); }
 
 // colsum[((b·Hkv + g)·T + t)·D + d] = Σ of V[j][d] over the valid keys j of tile t (fp32).
 template <int D>
@@ -334,7 +342,8 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
     }
     TilePV<D>(v, lane, pa, acc);
   });
-  if (p.vmc)  // the column sums of the whole tiles
+  const bool vbar = colsum != nullptr;  // v̄ has weight somewhere (NeedsColSums)
+  if (vbar)  // the column sums of the whole tiles
     for (int d = threadIdx.x; d < D; d += kPfThreads) {
       const float* cs = colsum + (b * p.Hkv + g) * T * D + d;
       float sum = 0.f;
@@ -349,7 +358,7 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
   for (int nd = 0; nd < ND; ++nd)
 #pragma unroll
     for (int e = 0; e < 4; ++e) vis[nd][e] = 0.f;
-  if (p.vmc)
+  if (vbar)
     for (int t = full_tiles; t < tiles; ++t) {
       copy_kv(sm.v[0], p.past_value, p.v_new, v_any, t);
       CpAsyncCommit();
@@ -390,7 +399,7 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
       float out[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float vs = p.vmc ? sm.vcol[d + e] + vis[nd][2 * r + e] : 0.f;
+        const float vs = vbar ? sm.vcol[d + e] + vis[nd][2 * r + e] : 0.f;
         out[e] = ow.zero ? 0.f : ow.wa * acc[nd][2 * r + e] + (ow.wv != 0.f ? ow.wv * vs : 0.f);
       }
       *reinterpret_cast<__half2*>(y + d) = __floats2half2_rn(out[0], out[1]);
@@ -402,7 +411,7 @@ template <int D, bool kPost>
 cudaError_t LaunchPrefillKernel(const TopThetaParams& p, float* colsum, cudaStream_t stream) {
   const int smem = int(sizeof(PfSmem<D>));
   const int64_t T = ColSumTiles(p);
-  if (p.vmc && T > 0) {
+  if (colsum && T > 0) {
     TileColSumsKernel<D><<<dim3(unsigned(T), unsigned(p.B * p.Hkv)), kPfThreads, 0, stream>>>(p, colsum, T);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
@@ -419,11 +428,9 @@ cudaError_t LaunchPrefillKernel(const TopThetaParams& p, float* colsum, cudaStre
 
 template <int D>
 cudaError_t LaunchPrefillD(const TopThetaParams& p, float* colsum, cudaStream_t stream) {
-  // Every row dense (n <= k for any n the buffers allow; dense_prompt makes k unbounded): nothing is
-  // dropped and both placements are exact softmax, so post-softmax needs no pass for Z first.
-  const bool all_dense = p.k >= p.total_kv();
-  return p.placement == Placement::kPostSoftmax && !all_dense ? LaunchPrefillKernel<D, true>(p, colsum, stream)
-                                                              : LaunchPrefillKernel<D, false>(p, colsum, stream);
+  // all rows dense: post-softmax needs no pass for Z first
+  return p.placement == Placement::kPostSoftmax && !AllRowsDense(p) ? LaunchPrefillKernel<D, true>(p, colsum, stream)
+                                                                    : LaunchPrefillKernel<D, false>(p, colsum, stream);
 }
 
 bool Aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) == 0; }
@@ -438,11 +445,11 @@ bool PrefillSupported(const TopThetaParams& p) {
 }
 
 int64_t PrefillWorkspaceBytes(const TopThetaParams& p) {
-  return p.vmc ? p.B * p.Hkv * ColSumTiles(p) * p.Dv * int64_t(sizeof(float)) : 0;
+  return NeedsColSums(p) ? p.B * p.Hkv * ColSumTiles(p) * p.Dv * int64_t(sizeof(float)) : 0;
 }
 
 cudaError_t LaunchPrefill(const TopThetaParams& p, void* workspace, cudaStream_t stream) {
-  float* colsum = static_cast<float*>(workspace);
+  float* colsum = NeedsColSums(p) ? static_cast<float*>(workspace) : nullptr;
   return p.Dh == 64 ? LaunchPrefillD<64>(p, colsum, stream) : LaunchPrefillD<128>(p, colsum, stream);
 }
 
