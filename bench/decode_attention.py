@@ -301,6 +301,25 @@ def find_thresholds(make_stats_runner, placement, fraction, Hq, G, n):
     return theta, measured
 
 
+def head_shapes(spec: str) -> list[tuple[int, int, int]]:
+    """"32:8:128,9:3:64" → [(Hq, Hkv, D), ...]"""
+    return [tuple(map(int, heads.split(":"))) for heads in spec.split(",")]
+
+
+def report(results: list[dict], out: str | None, header: str, row) -> None:
+    """results → `out` (JSON) and a markdown table on stdout, one row(r) per result."""
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n" + header + "\n|" + "---|" * (header.count("|") - 1))
+    for r in results:
+        print(row(r))
+
+
+def print_versions():
+    print(f"device: {torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description="decode attention: topt vs ORT GQA / Attention-23 / torch SDPA")
     parser.add_argument("--batches", default="1,8")
@@ -312,25 +331,19 @@ def main():
     parser.add_argument("--kernels", action="store_true", help="also profile each topt config: µs per node of each kernel")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}", flush=True)
+    print_versions()
     results = []
     for B in map(int, args.batches.split(",")):
-        for heads in args.heads.split(","):
-            Hq, Hkv, D = map(int, heads.split(":"))
+        for Hq, Hkv, D in head_shapes(args.heads):
             for ctx in map(int, args.contexts.split(",")):
                 layer_bytes = 2 * B * Hkv * (ctx + 1) * D * 2
                 n2 = int(max(3, min(12, 16e9 // layer_bytes)))
                 results += decode_config(B, Hq, Hkv, D, ctx, [float(f) for f in args.fractions.split(",")],
                                          [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, n2), args.kernels)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    print("\n| B | Hq/Hkv/D | ctx | placement | kept (union) | topt ms | GQA ms | SDPA ms | A-23 ms | topt GB/s | vs best dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['context']} | {r['placement']} | {r['union_kept_fraction']:.4f} | "
-              f"{r['topt_ms']:.4f} | {r['gqa_ms']:.4f} | {r['sdpa_ms']:.4f} | {r.get('attention23_ms', float('nan')):.4f} | "
-              f"{r['topt_GBps']:.0f} | {r['speedup_vs_best_dense']:.2f}x |")
+    report(results, args.out, "| B | Hq/Hkv/D | ctx | placement | kept (union) | topt ms | GQA ms | SDPA ms | A-23 ms | topt GB/s | vs best dense |",
+           lambda r: f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['context']} | {r['placement']} | {r['union_kept_fraction']:.4f} | "
+                     f"{r['topt_ms']:.4f} | {r['gqa_ms']:.4f} | {r['sdpa_ms']:.4f} | {r.get('attention23_ms', float('nan')):.4f} | "
+                     f"{r['topt_GBps']:.0f} | {r['speedup_vs_best_dense']:.2f}x |")
     for r in results:
         if "kernels" in r:
             print(f"B={r['B']} {r['Hq']}/{r['Hkv']}/{r['D']} ctx={r['context']} {r['placement']}: busy {r['kernels']['busy_us']:.1f} µs/node; "

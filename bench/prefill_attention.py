@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from decode_attention import Runner, slope_ms, value_info  # noqa: E402  (bench/ is on sys.path when run as a script)
+from decode_attention import Runner, head_shapes, print_versions, report, slope_ms, value_info  # noqa: E402  (bench/ is on sys.path when run as a script)
 from topt_compile.ops import schema  # noqa: E402
 
 F16 = TensorProto.FLOAT16
@@ -239,24 +239,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    import onnxruntime as ort
-    print(f"device: {torch.cuda.get_device_name()}, onnxruntime {ort.__version__}, torch {torch.__version__}", flush=True)
+    print_versions()
     results = []
     for B in map(int, args.batches.split(",")):
-        for heads in args.heads.split(","):
-            Hq, Hkv, D = map(int, heads.split(":"))
+        for Hq, Hkv, D in head_shapes(args.heads):
             for S in map(int, args.lengths.split(",")):
                 results += prefill_config(B, Hq, Hkv, D, S, [float(s) for s in args.skips.split(",")],
                                           [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, 3))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    print("\n| B | Hq/Hkv/D | S | placement | tiles skipped | kept | topt ms | GQA ms | SDPA ms | A-23 ms | vs best dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['S']} | {r['placement']} | {r['tiles_skipped']:.3f} | "
-              f"{r['kept_fraction']:.5f} | {r['topt_ms']:.3f} | {r['gqa_ms']:.3f} | {r['sdpa_ms']:.3f} | "
-              f"{r['attention23_ms']:.3f} | {r['speedup_vs_best_dense']:.2f}x |")
+    report(results, args.out, "| B | Hq/Hkv/D | S | placement | tiles skipped | kept | topt ms | GQA ms | SDPA ms | A-23 ms | vs best dense |",
+           lambda r: f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['S']} | {r['placement']} | {r['tiles_skipped']:.3f} | "
+                     f"{r['kept_fraction']:.5f} | {r['topt_ms']:.3f} | {r['gqa_ms']:.3f} | {r['sdpa_ms']:.3f} | "
+                     f"{r['attention23_ms']:.3f} | {r['speedup_vs_best_dense']:.2f}x |")
 
 
 if __name__ == "__main__":
