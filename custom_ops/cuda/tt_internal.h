@@ -19,9 +19,9 @@ cudaError_t LaunchPresentVSum(const TopThetaParams& p, cudaStream_t stream);
 // Adds into stats (the caller zeroes it first).
 cudaError_t LaunchGeneric(const TopThetaParams& p, cudaStream_t stream);
 
-// tt_prefill.cu: S > 1, float16, Dh = Dv in {64, 128}, no mask, no stats, no past_v_sum, 16-byte
-// aligned rows; tensor-core tiles of 64 rows × 64 keys. Writes Y only. Workspace (VMC: V's column
-// sums per 64-key tile): PrefillWorkspaceBytes.
+// tt_prefill.cu: S > 1, float16, Dh = Dv in {64, 128}, no mask unless every row is dense, no
+// stats, no past_v_sum, 16-byte aligned rows; tensor-core tiles of 64 rows × 64 keys. Writes Y
+// only. Workspace (VMC: V's column sums per 64-key tile): PrefillWorkspaceBytes.
 bool PrefillSupported(const TopThetaParams& p);
 int64_t PrefillWorkspaceBytes(const TopThetaParams& p);
 cudaError_t LaunchPrefill(const TopThetaParams& p, void* workspace, cudaStream_t stream);

@@ -1,7 +1,8 @@
-// Prefill (S > 1) TopThetaAttention on tensor cores, float16, Dh = Dv in {64, 128}, no mask, no
-// stats (the generic kernel serves the rest). One CTA per (64 query rows, head h, batch b), the
-// longest causal rows first; each of its 4 warps owns 16 rows and holds their Q in registers. Keys
-// come in tiles of 64 through a 2-stage cp.async ring; scores are m16n8k16 mma in fp32.
+// Prefill (S > 1) TopThetaAttention on tensor cores, float16, Dh = Dv in {64, 128}, no stats, and
+// no mask unless every row is dense (dense_prompt: the row's n is not needed); the generic kernel
+// serves the rest. One CTA per (64 query rows, head h, batch b), the longest causal rows first;
+// each of its 4 warps owns 16 rows and holds their Q in registers. Keys come in tiles of 64
+// through a 2-stage cp.async ring; scores are m16n8k16 mma in fp32.
 //   pre_softmax: one pass with an online max (as Flash-Attention 2): keep a > θ (every visible key
 //                of a dense row); Z over the visible keys and Σ kept e are rescaled as the max grows,
 //                so exact SDC's dropped mass is Z − Σ kept e.
@@ -146,7 +147,9 @@ __global__ void __launch_bounds__(kPfThreads) TileColSumsKernel(TopThetaParams p
   reinterpret_cast<float2*>(colsum + (bg * T + t) * D)[c] = acc;
 }
 
-template <int D, bool kPost>
+// kMasked: read attn_mask (only with every row dense, so never with kPost); its own instance, as
+// the mask's code in the score loop slowed the unmasked kernel by 4-10%.
+template <int D, bool kPost, bool kMasked>
 __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(TopThetaParams p, const float* colsum, int64_t T) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   PfSmem<D>& sm = *reinterpret_cast<PfSmem<D>*>(smem_raw);
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = q0 + warp * 16 + (lane >> 2) + 8 * r;
-    end[r] = row[r] < p.S ? RowEnd(p, geo, row[r]) : 0;  // visible keys [0, end): no mask, so n = end
+    end[r] = row[r] < p.S ? RowEnd(p, geo, row[r]) : 0;  // keys [0, end) before the mask: unmasked, n = end
     rule[r] = GetRule(p, h, end[r]);
   }
   const bool warp_live = q0 + warp * 16 < p.S;
@@ -229,11 +232,25 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) LdX4(qa[kk], sm.q + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
 
-  // Scores q·k (unscaled: scale > 0, so the max and the compare with θ/scale need no multiply) of
-  // the warp's 16 rows × the tile, -inf where a row does not see the key.
+  // Scores of the warp's 16 rows × the tile, -inf where a row does not see the key: q·k unscaled
+  // (scale > 0, so the max and the compare with θ/scale need no multiply), or, with a mask (only
+  // for calls whose rows are all dense), a = scale·q·k + the mask's value, so `unit` = 1.
+  const float unit = kMasked ? 1.f : scale;  // a = unit · s
+  const int64_t mask_base[2] = {kMasked ? MaskBase(p, b, h, row[0]) : 0, kMasked ? MaskBase(p, b, h, row[1]) : 0};
   auto scores = [&](int t, const __half* k, float (&s)[8][4]) {
     TileScores<D>(k, qa, lane, s);
     const int64_t j0 = int64_t(t) * kPfKeys;
+    if constexpr (kMasked) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int64_t j = j0 + nt * 8 + 2 * (lane & 3) + (x & 1);
+          float add;
+          s[nt][x] = j < end[x >> 1] && MaskVisible<__half>(p, mask_base[x >> 1], j, add) ? fmaf(s[nt][x], scale, add) : -INFINITY;
+        }
+      return;
+    }
     if (j0 + kPfKeys <= warp_see) return;  // every row of the warp sees the whole tile
     const int lim[2] = {int(max(int64_t(0), min(int64_t(kPfKeys), end[0] - j0))),
                         int(max(int64_t(0), min(int64_t(kPfKeys), end[1] - j0)))};
@@ -243,7 +260,7 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
       for (int x = 0; x < 4; ++x)
         if (nt * 8 + 2 * (lane & 3) + (x & 1) >= lim[x >> 1]) s[nt][x] = -INFINITY;
   };
-  const float sl2 = scale * kLog2e;  // e = 2^(s·sl2 − max·sl2)
+  const float sl2 = unit * kLog2e;  // e = 2^(s·sl2 − max·sl2)
   // the row max of a tile's scores, over the quad that holds the row
   auto tile_max = [&](const float (&s)[8][4], int r) {
     float m = -INFINITY;
@@ -280,7 +297,7 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     inv_z[r] = z[r] > 0.f ? 1.f / z[r] : 0.f;
-    keep_above[r] = rule[r].dense ? -INFINITY : rule[r].theta / scale;  // pre: a = s·scale > θ
+    keep_above[r] = rule[r].dense ? -INFINITY : rule[r].theta / unit;  // pre: a = unit·s > θ
   }
 
   // the main pass: keep decisions, Σ kept e·V, v̄'s numerator of the whole tiles
@@ -391,7 +408,8 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
       if constexpr (!kPost) zz += __shfl_xor_sync(0xffffffffu, zz, o);
     }
     if (row[r] >= p.S) continue;
-    const OutWeights ow = RowWeights(p, rule[r], end[r], kn, mx[r] * scale, false, zz, ke, fmaxf(zz - ke, 0.f));
+    // n = end: a masked call has every row dense, where n only tells an empty row (mx = -inf then too)
+    const OutWeights ow = RowWeights(p, rule[r], end[r], kn, mx[r] * unit, false, zz, ke, fmaxf(zz - ke, 0.f));
     __half* y = static_cast<__half*>(p.y) + ((b * p.Hq + h) * p.S + row[r]) * D;
 #pragma unroll
     for (int nd = 0; nd < ND; ++nd) {
@@ -407,7 +425,7 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
   }
 }
 
-template <int D, bool kPost>
+template <int D, bool kPost, bool kMasked>
 cudaError_t LaunchPrefillKernel(const TopThetaParams& p, float* colsum, cudaStream_t stream) {
   const int smem = int(sizeof(PfSmem<D>));
   const int64_t T = ColSumTiles(p);
@@ -417,20 +435,21 @@ cudaError_t LaunchPrefillKernel(const TopThetaParams& p, float* colsum, cudaStre
   }
   static bool attr_set = false;
   if (!attr_set) {
-    const cudaError_t e = cudaFuncSetAttribute(PrefillKernel<D, kPost>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    const cudaError_t e = cudaFuncSetAttribute(PrefillKernel<D, kPost, kMasked>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     attr_set = true;
   }
   const dim3 grid(unsigned((p.S + kPfRows - 1) / kPfRows), unsigned(p.Hq), unsigned(p.B));
-  PrefillKernel<D, kPost><<<grid, kPfThreads, smem, stream>>>(p, colsum, T);
+  PrefillKernel<D, kPost, kMasked><<<grid, kPfThreads, smem, stream>>>(p, colsum, T);
   return cudaGetLastError();
 }
 
 template <int D>
 cudaError_t LaunchPrefillD(const TopThetaParams& p, float* colsum, cudaStream_t stream) {
+  if (p.mask_kind != MaskKind::kNone) return LaunchPrefillKernel<D, false, true>(p, colsum, stream);  // all rows dense
   // all rows dense: post-softmax needs no pass for Z first
-  return p.placement == Placement::kPostSoftmax && !AllRowsDense(p) ? LaunchPrefillKernel<D, true>(p, colsum, stream)
-                                                                    : LaunchPrefillKernel<D, false>(p, colsum, stream);
+  return p.placement == Placement::kPostSoftmax && !AllRowsDense(p) ? LaunchPrefillKernel<D, true, false>(p, colsum, stream)
+                                                                    : LaunchPrefillKernel<D, false, false>(p, colsum, stream);
 }
 
 bool Aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) == 0; }
@@ -439,7 +458,7 @@ bool Aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) ==
 
 bool PrefillSupported(const TopThetaParams& p) {
   return p.S > 1 && p.dtype == DType::kFloat16 && p.scale > 0.f && p.Dh == p.Dv && (p.Dh == 64 || p.Dh == 128) &&
-         p.mask_kind == MaskKind::kNone && !p.stats && !p.past_v_sum && p.Hkv > 0 && p.Hq % p.Hkv == 0 &&
+         (p.mask_kind == MaskKind::kNone || AllRowsDense(p)) && !p.stats && !p.past_v_sum && p.Hkv > 0 && p.Hq % p.Hkv == 0 &&
          Aligned16(p.q) && Aligned16(p.k_new) && Aligned16(p.v_new) && Aligned16(p.past_key) &&
          Aligned16(p.past_value) && p.B <= 65535 && p.Hq <= 65535 && (p.S + kPfRows - 1) / kPfRows <= 0x7fffffff;
 }

@@ -1,6 +1,7 @@
-"""The tiled prefill kernel (tt_prefill.cu: S > 1, float16, Dh 64/128, no mask, no stats) through
-the CUDA EP against the numpy reference, on fresh random shapes: both KV layouts, pasts, GQA
-groups, causal or not, both placements, every compensation, θ from keep-nothing to keep-all."""
+"""The tiled prefill kernel (tt_prefill.cu: S > 1, float16, Dh 64/128, no stats; a mask only when
+every row is dense) through the CUDA EP against the numpy reference, on fresh random shapes: both
+KV layouts, pasts, GQA groups, causal or not, both placements, every compensation, θ from
+keep-nothing to keep-all, bool and float masks."""
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -48,6 +49,23 @@ def long_prefill_cases(count: int, seed: int) -> list[Case]:
     return cases
 
 
+def masked_dense_prompt_cases(count: int, seed: int) -> list[Case]:
+    """Prompts with a bool or float mask (random, broadcast shapes, a row masked whole) whose rows are
+    all dense (dense_prompt): the tiled kernel reads the mask; any other masked prompt is the generic
+    kernel's."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        Hkv, D, S = int(rng.choice([1, 2, 3])), int(rng.choice([64, 128])), int(rng.choice([17, 100, 300]))
+        past, placement = int(rng.choice([0, 5, 100])), str(rng.choice(["post_softmax", "pre_softmax"]))
+        cases.append(Case(B=int(rng.integers(1, 3)), Hq=Hkv * int(rng.choice([1, 3])), Hkv=Hkv, S=S, Skv=S, P=past, Dh=D, Dv=D,
+                          dtype="float16", kv_layout="concat",  # op.md: no attn_mask with shared_buffer
+                          is_causal=int(rng.random() < 0.5), placement=placement,
+                          compensation=str(rng.choice(COMPENSATIONS[placement])), mask=str(rng.choice(["bool", "float"])),
+                          fully_masked_row=bool(rng.random() < 0.3), dense_prompt=1, seed=seed * 1000 + i))
+    return cases
+
+
 CASES = [Case(B=1, Hq=9, Hkv=3, S=512, Skv=512, P=600, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
               is_causal=1, placement="post_softmax", compensation="vmc"),
          Case(B=2, Hq=8, Hkv=2, S=100, Skv=100, P=140, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
@@ -56,7 +74,8 @@ CASES = [Case(B=1, Hq=9, Hkv=3, S=512, Skv=512, P=600, Dh=64, Dv=64, dtype="floa
          Case(B=1, Hq=6, Hkv=2, S=300, Skv=300, P=340, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
               is_causal=1, placement="post_softmax", compensation="vmc", dense_prompt=1, theta_mode="sparse"),
          Case(B=2, Hq=4, Hkv=1, S=150, Skv=150, P=0, Dh=128, Dv=128, dtype="float16", kv_layout="concat",
-              is_causal=1, placement="post_softmax", compensation="vmc", k=150, theta_mode="sparse")] + prefill_cases(40, seed=31) + long_prefill_cases(10, seed=32)
+              is_causal=1, placement="post_softmax", compensation="vmc", k=150, theta_mode="sparse")]
+CASES += prefill_cases(40, seed=31) + long_prefill_cases(10, seed=32) + masked_dense_prompt_cases(8, seed=33)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
