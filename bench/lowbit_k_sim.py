@@ -137,6 +137,13 @@ def to_markdown(res: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_sites(path: str) -> dict:
+    """A threshold table's sites (.json or .json.gz)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)["sites"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, help="a pre-softmax threshold table of SmolLM2 (.json or .json.gz)")
@@ -145,9 +152,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--output", help="write <output>.md and <output>.json")
     args = p.parse_args()
-    opener = gzip.open if args.table.endswith(".gz") else open
-    with opener(args.table, "rt") as f:
-        table = json.load(f)
+    table = {"sites": load_sites(args.table)}
     if any(s["placement"] != "pre_softmax" for s in table["sites"].values()):
         raise SystemExit(f"{args.table}: expected a pre_softmax table (θ on the raw score)")
     res = simulate(capture_qk(args.length, args.rows, args.seed), table["sites"])

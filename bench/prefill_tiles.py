@@ -12,7 +12,6 @@ rule as the op applies it to a prompt without --dense-prompt (rows with n <= k k
 pre-softmax: a > θ(h, n); post-softmax: softmax(a) > θ(h, n)), causal, no past.
 """
 import argparse
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from lowbit_k_sim import capture_qk  # noqa: E402
+from lowbit_k_sim import capture_qk, load_sites  # noqa: E402
 
 WARP_ROWS, TILE_KEYS = 16, 64
 
@@ -69,9 +68,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--output", help="write <output>.md and <output>.json")
     args = p.parse_args()
-    opener = gzip.open if args.table.endswith(".gz") else open
-    with opener(args.table, "rt") as f:
-        sites = json.load(f)["sites"]
+    sites = load_sites(args.table)
     captured = capture_qk(args.length, args.length, args.seed)
     per_layer = []
     for layer, (Q, K) in sorted(captured.items()):
