@@ -76,11 +76,15 @@ def main() -> int:
         per_layer.append({"layer": layer, "tiles_skipped": s["skipped"] / s["tiles"], "kept": s["kept"] / s["seen"]})
         print(json.dumps(per_layer[-1]), flush=True)
     site0 = sites["layer0"]
+    ks = {}
+    for name, site in sites.items():
+        ks.setdefault(site["k"], []).append(name.removeprefix("layer"))
+    k_text = "; ".join(f"k = {k} in layers {', '.join(layers)}" if len(ks) > 1 else f"k = {k}" for k, layers in sorted(ks.items()))
     skipped = float(np.mean([x["tiles_skipped"] for x in per_layer]))
     kept = float(np.mean([x["kept"] for x in per_layer]))
     md = [f"# Prefill tiles a real prompt skips: SmolLM2, {args.length} tokens", "",
           f"Command: `python {' '.join(sys.argv)}`", "",
-          f"Table: {site0['placement']}, k = {site0['k']} (rows with n <= k keep every key). Warp tiles of "
+          f"Table: {site0['placement']}, {k_text} (rows with n <= k keep every key). Warp tiles of "
           f"{WARP_ROWS} rows × {TILE_KEYS} keys; visible tiles only (causal). Mean over the 30 layers: "
           f"**{skipped:.1%} of the tiles keep nothing**, {kept:.2%} of the visible scores are kept.", "",
           "| layer | tiles that keep nothing | scores kept |", "|---|---|---|"]
