@@ -10,6 +10,9 @@ timed as a CUDA graph of N2 layers. Inputs are random normal (never zeros). Thre
 hit a target union kept fraction (V rows read per KV group), found by bisection with the op's own
 stats output; the measured fraction is reported.
 
+--cuda-graph runs every ORT session with enable_cuda_graph (a run replays one captured graph), so
+the slope is GPU time per node, as torch SDPA's; without it a small node also pays ORT's per-node
+host cost.
 --kernels also profiles each topt configuration (torch.profiler/CUPTI): µs per node of each kernel.
 
 Usage (GPU machine, onnxruntime-gpu + torch): python bench/decode_attention.py --out results.json
@@ -117,6 +120,9 @@ def attention23_model(n_layers, B, Hq, Hkv, D, P):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
 
 
+CUDA_GRAPH = False  # --cuda-graph: ORT captures each session's run once and replays it (no per-node host cost)
+
+
 class Runner:
     """A session plus an I/O binding of torch device tensors (inputs and preallocated outputs)."""
 
@@ -124,8 +130,9 @@ class Runner:
         options = ort.SessionOptions()
         options.register_custom_ops_library(topt_compile.get_library_path())
         options.log_severity_level = 3
+        cuda = {"device_id": 0} | ({"enable_cuda_graph": "1"} if CUDA_GRAPH else {})
         self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                            providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+                                            providers=[("CUDAExecutionProvider", cuda), "CPUExecutionProvider"])
         self.binding = self.session.io_binding()
         self.keep = []
         for name, tensor in feeds.items():
@@ -329,8 +336,12 @@ def main():
     parser.add_argument("--placements", default="pre_softmax:sdc_exact+vmc,post_softmax:vmc")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--kernels", action="store_true", help="also profile each topt config: µs per node of each kernel")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="ORT sessions replay a CUDA graph (enable_cuda_graph): GPU time per node, not ORT's host cost")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    global CUDA_GRAPH
+    CUDA_GRAPH = args.cuda_graph
     print_versions()
     results = []
     for B in map(int, args.batches.split(",")):
