@@ -141,6 +141,13 @@ __device__ __forceinline__ int64_t ThetaColumnWarp(const TopThetaParams& p, int6
   return lo - 1;
 }
 
+// Whether a row's output weights (RowWeights) read its table entries: θ (exp-threshold SDC) or
+// the calibrated log-mass. Elsewhere only `dense` (n <= k) matters there, so the merge kernel
+// skips the column search: a table per layer, its lines seldom in L2, three dependent loads.
+__host__ __device__ __forceinline__ bool WeightsReadTable(const TopThetaParams& p) {
+  return p.placement == Placement::kPreSoftmax && (p.sdc == Sdc::kExpThreshold || p.sdc == Sdc::kCalibrated);
+}
+
 // Per-row constants once n is known.
 struct RowRule {
   float theta, log_mass;  // log_mass: sdc_log_mass[h, c] (calibrated SDC) or 0
@@ -157,6 +164,10 @@ __device__ __forceinline__ RowRule RuleAt(const TopThetaParams& p, int64_t h, in
 
 __device__ __forceinline__ RowRule GetRule(const TopThetaParams& p, int64_t h, int64_t n) {
   return RuleAt(p, h, n, ThetaColumn(p, n));
+}
+// The rule as RowWeights reads it: the table's entries only where WeightsReadTable(p).
+__device__ __forceinline__ RowRule WeightsRuleWarp(const TopThetaParams& p, int64_t h, int64_t n) {
+  return WeightsReadTable(p) ? RuleAt(p, h, n, ThetaColumnWarp(p, n)) : RowRule{0.f, 0.f, n <= p.k};
 }
 // GetRule for a whole warp with a warp-uniform n.
 __device__ __forceinline__ RowRule GetRuleWarp(const TopThetaParams& p, int64_t h, int64_t n) {

@@ -1037,7 +1037,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
   // 1) Independent of the splits. Without a mask n is the row's length.
   int64_t n = p.mask_kind == MaskKind::kNone ? RowEnd(p, geo, 0) : -1;
   RowRule rule{};
-  if (n >= 0) rule = GetRuleWarp(p, h, n);
+  if (n >= 0) rule = WeightsRuleWarp(p, h, n);
   const bool state = UsesVSumState(p);
   const bool want_vs = p.vmc || (r == 0 && (p.present_v_sum || state));  // v̄ may be needed
   const bool stale = want_vs && state && !VSumStateFresh(p, geo, b);       // then it needs the splits' V sums
@@ -1130,7 +1130,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
   }
   if (n < 0) {  // a mask: n is the count of visible keys the splits saw
     n = int64_t(rec(0)[kNF]);
-    rule = GetRuleWarp(p, h, n);
+    rule = WeightsRuleWarp(p, h, n);
   }
   const int64_t kept = t[5] > 0.f ? n : int64_t(t[3]);  // a NaN row keeps every visible key
   const OutWeights ow = RowWeights(p, rule, n, kept, M, t[5] > 0.f, t[0], t[1], t[2]);
