@@ -25,6 +25,7 @@ import math
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -195,16 +196,25 @@ def sdpa_ms(B, Hq, Hkv, D, T, n_layers, repeats):
     return statistics.median(times) / n_layers
 
 
+def decode_inputs(B, Hq, Hkv, D, ctx, n_layers, device="cuda"):
+    """One decode step's inputs, random normal: q, k_new, v_new, seqlens (= ctx), and per layer a KV
+    cache of ctx + 1 rows (in place: the new row goes at ctx), its V sum over the ctx past rows and
+    a present_v_sum buffer."""
+    dev = dict(device=device, dtype=torch.float16)
+    caches = [(torch.randn(B, Hkv, ctx + 1, D, **dev), torch.randn(B, Hkv, ctx + 1, D, **dev)) for _ in range(n_layers)]
+    return SimpleNamespace(
+        caches=caches, v_sums=[v[:, :, :ctx].float().sum(2) for _, v in caches],
+        out_v_sums=[torch.empty(B, Hkv, D, device=device) for _ in range(n_layers)],
+        q=torch.randn(B, Hq, 1, D, **dev), k_new=torch.randn(B, Hkv, 1, D, **dev), v_new=torch.randn(B, Hkv, 1, D, **dev),
+        seqlens=torch.full((B,), ctx, dtype=torch.int32, device=device))
+
+
 def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers, kernels=False):
     G, M = Hq // Hkv, ctx + 1
     n1, n2 = layers
     dev = dict(device="cuda", dtype=torch.float16)
-    caches = [(torch.randn(B, Hkv, M, D, **dev), torch.randn(B, Hkv, M, D, **dev)) for _ in range(n2)]
-    v_sums = [caches[i][1][:, :, :ctx].float().sum(2) for i in range(n2)]
-    out_v_sums = [torch.empty(B, Hkv, D, device="cuda") for _ in range(n2)]
-    q = torch.randn(B, Hq, 1, D, **dev)
-    k_new, v_new = torch.randn(B, Hkv, 1, D, **dev), torch.randn(B, Hkv, 1, D, **dev)
-    seqlens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    x = decode_inputs(B, Hq, Hkv, D, ctx, n2)
+    caches, v_sums, out_v_sums, q, k_new, v_new, seqlens = x.caches, x.v_sums, x.out_v_sums, x.q, x.k_new, x.v_new, x.seqlens
     row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "context": ctx}
 
     def gqa_runner(n):
