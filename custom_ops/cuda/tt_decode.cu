@@ -1058,8 +1058,18 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
   }
   WaitPrerequisite();
   if (r == 0 && tid == 0) ws.tiles[(b * p.Hkv + g) * kClaimStride] = 0u;  // the splits are done claiming tiles: zero for the next call
-  // 2) Warp w takes splits w, w + NWM, ...: m_s and acc_s (lane c: columns 4c..4c+3) loaded together,
-  // a running max per warp; threads t < splits also load split t's sums.
+  // 2) One round of loads: threads t < splits take split t's record (m, Z, D, dropped, kept, union,
+  // nan: two float4), issued first; warp w takes splits w, w + NWM, ...: m_s and acc_s (lane c:
+  // columns 4c..4c+3) loaded together, a running max per warp.
+  static_assert(kM == 0 && kZ == 1 && kD == 2 && kDrop == 3 && kKeptF == 4 && kUnionF == 5 && kNanF == 6, "record layout");
+  static_assert(kMaxSplits <= 4 * kMergeThreads, "4 splits per thread at most");
+  float4 rf[4][2];  // the records of this thread's splits tid, tid + kMergeThreads, ...
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int s = tid + u * kMergeThreads;
+    rf[u][0] = s < splits ? *reinterpret_cast<const float4*>(rec(s)) : make_float4(-INFINITY, 0.f, 0.f, 0.f);
+    rf[u][1] = s < splits ? *reinterpret_cast<const float4*>(rec(s) + 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const int64_t nq = Dv / 4;
   float mw = -INFINITY;
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1086,17 +1096,6 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     }
   }
   float t[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // Z, D, dropped, kept, union, nan
-  float tm[4];  // m of this thread's splits tid, tid + kMergeThreads, ... (up to kMaxSplits)
-  float tf[4][6];
-  static_assert(kMaxSplits <= 4 * kMergeThreads, "4 splits per thread at most");
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int s = tid + u * kMergeThreads;
-    const float* pf = rec(s < splits ? s : 0);
-    tm[u] = s < splits ? pf[kM] : -INFINITY;
-    tf[u][0] = pf[kZ]; tf[u][1] = pf[kD]; tf[u][2] = pf[kDrop];
-    tf[u][3] = s < splits ? pf[kKeptF] : 0.f; tf[u][4] = s < splits ? pf[kUnionF] : 0.f; tf[u][5] = s < splits ? pf[kNanF] : 0.f;
-  }
   if (lane == 0) wmax[warp] = mw;
   __syncthreads();
   float M = wmax[0];
@@ -1108,13 +1107,13 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
   part[warp][lane] = a;
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
-    const float f = tm[u] == -INFINITY ? 0.f : expf(tm[u] - M);
-    t[0] += f * tf[u][0];
-    t[1] += f * tf[u][1];
-    t[2] += f * tf[u][2];
-    t[3] += tf[u][3];
-    t[4] += tf[u][4];
-    t[5] = fmaxf(t[5], tf[u][5]);
+    const float f = rf[u][0].x == -INFINITY ? 0.f : expf(rf[u][0].x - M);
+    t[0] += f * rf[u][0].y;
+    t[1] += f * rf[u][0].z;
+    t[2] += f * rf[u][0].w;
+    t[3] += rf[u][1].x;
+    t[4] += rf[u][1].y;
+    t[5] = fmaxf(t[5], rf[u][1].z);
   }
 #pragma unroll
   for (int k = 0; k < 6; ++k) t[k] = k == 5 ? WarpMax(t[k]) : WarpSum(t[k]);
