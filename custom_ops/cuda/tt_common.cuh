@@ -52,9 +52,23 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool pre
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(pred ? 16 : 0));
 }
+// The same for a shared-memory address, always 16 bytes (the K ring's copies: their offsets are
+// per-lane constants, which ptxas folds into the instruction).
+__device__ __forceinline__ void CpAsync16(unsigned smem_addr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
+}
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// e^x with results below 2^-126 flushed to zero (ex2.approx.ftz): two instructions where __expf
+// spends five on its subnormal fix-up. The decode kernels' sums are relative to a running max
+// (terms up to e^8), where a flushed term is far below float precision.
+__device__ __forceinline__ float ExpFtz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
 
 // Keys of batch b: rows [0, past_rows) come from the past buffer, [past_rows, valid_end) from the
 // new input; query i sits at position past_rows + i and, when causal, sees keys j <= it.

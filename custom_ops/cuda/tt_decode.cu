@@ -374,6 +374,46 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
   }
 }
 
+// θ of heads h0.. h0 + G - 1 of a row of n keys without a mask, in one round of loads, where the
+// table has at most 4·kThreads columns: thread t loads the lengths and its heads' entries at
+// columns 4t..4t+3; the column is the count of lengths[1..L) <= n (ThetaColumn's), and its entries
+// come back through shared memory. ThetaColumnWarp's search is two dependent rounds and the entries
+// a third, on every CTA's path to its first tile, of a table seldom in L2 (one per layer; ncu of the
+// real step: 9.5% of the split kernel's stall samples sat on the search). All threads call it.
+template <int GM>
+__device__ void ThetasOneRound(const TopThetaParams& p, int64_t h0, int G, int64_t n, float (&theta)[GM]) {
+  __shared__ int counts[kWarps];
+  __shared__ float found[GM];
+  const int tid = threadIdx.x;
+  int count = 0;
+  float th0[GM], th1[GM], th2[GM], th3[GM];  // columns 4t..4t+3; four arrays, not one [GM][4], which the
+                                            // compiler put in local memory to index by column % 4
+  auto load = [&](int e, float (&th)[GM]) {
+    const int64_t c = 4 * tid + e;
+    count += (c >= 1 && c < p.L && __ldg(p.threshold_lengths + c) <= n) ? 1 : 0;
+#pragma unroll
+    for (int r = 0; r < GM; ++r) th[r] = (c < p.L && r < G) ? __ldg(p.thresholds + (h0 + r) * p.L + c) : 0.f;
+  };
+  load(0, th0);
+  load(1, th1);
+  load(2, th2);
+  load(3, th3);
+  count = __reduce_add_sync(0xffffffffu, count);
+  if ((tid & 31) == 0) counts[tid >> 5] = count;
+  __syncthreads();
+  int column = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) column += counts[w];
+  if (tid == column / 4) {
+    const int e = column % 4;
+#pragma unroll
+    for (int r = 0; r < G && r < GM; ++r) found[r] = e == 0 ? th0[r] : e == 1 ? th1[r] : e == 2 ? th2[r] : th3[r];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < GM; ++r) theta[r] = found[r < G ? r : 0];
+}
+
 // grid (splits, Hkv, B), block kThreads, dynamic smem kStages · KStageBytes (kPre, kScores).
 // Warp w owns rows [w·RW, w·RW + RW) of every tile end to end — scores, decisions, compaction,
 // V gather — with its own running max, so the only CTA barrier per tile is the K ring's.
@@ -395,9 +435,11 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   // cp.async of a K row asked L2 for twice the sectors (ncu, 9/3 heads: 3.2M → 6.3M; 10% slower).
   extern __shared__ __align__(128) char kring_raw[];  // K tiles: [kStages][TK][D] T
   T* kring = reinterpret_cast<T*>(kring_raw);
-  __shared__ float sc[GM][SCW];           // scores of the tile (warp w: its rows)
+  // scores of the tile (warp w: its rows); with mma, rows for all 8 of its columns (heads G..7 are
+  // padding), so every lane stores its fragment without a branch
+  __shared__ float sc[kMma ? 8 : GM][SCW];
   __shared__ float wts[2][GM][TK];       // e_j of kept keys, 0 otherwise (by tile parity)
-  __shared__ unsigned char idx[kWarps][32];  // a warp's kept rows of the current tile (warp-local)
+  __shared__ __align__(16) unsigned char idx[kWarps][32];  // a warp's kept rows of the current tile (warp-local)
   __shared__ float gstat[GM][2];         // kPost: global mx, Z per head
   __shared__ float head_n[GM];           // n of each head's row
   __shared__ float red[kWarps];
@@ -446,15 +488,32 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   // K ring: tile `it` → stage it % kStages. Each warp copies its own rows [row0, row0 + RW) (lane:
   // 16-byte chunks lane, lane + 32, ...) and alone reads them, so a tile needs no CTA barrier: a
   // warp held up by its V gathers does not hold up the others.
+  // A lane copies chunks lane + 32·u (u < U) of its warp's RW·LPR: tile row row0 + lane / LPR + u·RPW,
+  // column lane % LPR. row0 is a multiple of 8 and RPW divides 8, so the swizzle's (row & 7) is
+  // (lane / LPR) ^ ((u·RPW) & 7): each copy's offset in a stage is one per-lane constant XOR a
+  // constant, plus a constant, and its source the tile's start plus lane·16 + u·512 bytes. (Written
+  // through Swz, ptxas recomputed ~130 instructions of addresses per tile: ncu, 574 per warp tile.)
+  const unsigned ring_addr = static_cast<unsigned>(__cvta_generic_to_shared(kring));
+  const unsigned cp_off = unsigned(Swz(row0 + lane / LPR, lane % LPR) * int(sizeof(T)));
+  const char* k_past = reinterpret_cast<const char*>(static_cast<const T*>(p.past_key) + (b * p.Hkv + g) * geo.past_len * D + lane * E);
+  // ldmatrix.x4 of (16-key block mb, 16-dim step ks): lane reads row row0 + 16·mb + (lane & 7) +
+  // 8·(mq & 1), chunk 2·ks + (mq >> 1) (mq = lane / 8); (row & 7) = (lane & 7), so its offset is
+  // ld_off ^ (32·ks) + 16·mb rows.
+  const unsigned ld_off = unsigned(Swz(row0 + (lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4) * int(sizeof(T)));
   // Copies warp tile `wt` into stage it % kStages (this warp's rows of it), then commits a group.
   auto issue = [&](int wt, int it) {
     if (wt < n_wt) {
       const int64_t k0 = int64_t(wt) * RW;
       T* stage = kring + (it % kStages) * TK * D;
-      if (k0 + RW <= min(key_end, geo.past_rows)) {  // all in the past buffer: 32-bit offsets
-        const T* base = static_cast<const T*>(p.past_key) + ((b * p.Hkv + g) * geo.past_len + k0) * D;
+      if (k0 + RW <= min(key_end, geo.past_rows)) {  // all in the past buffer
+        const char* src = k_past + k0 * (D * int64_t(sizeof(T)));
+        const unsigned dst = ring_addr + unsigned(it % kStages) * unsigned(TK * D * int(sizeof(T)));
 #pragma unroll
-        for (int i = lane; i < RW * LPR; i += 32) CpAsync16(stage + Swz(row0 + i / LPR, i % LPR), base + i * E, true);
+        for (int u = 0; u < U; ++u) {
+          constexpr unsigned kRowBytes = D * sizeof(T);
+          const unsigned swz = kMma ? unsigned((u * RPW) & 7) * 16u : 0u;
+          CpAsync16(dst + ((cp_off ^ swz) + unsigned(u * RPW) * kRowBytes), src + u * 512);
+        }
       } else {
 #pragma unroll
         for (int i = lane; i < RW * LPR; i += 32) {
@@ -476,6 +535,35 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   auto claim = [&](int stage_it, int& slot) {
     if (kClaim && lane == 0 && stage_it >= st_its) slot = int(AtomicAddNoWait(claims));  // wt_static added at the use: an add here would await the atomic
   };
+  // Per-head row constants (uniform across the CTA). They read only inputs the GQA decode front
+  // does not write (seqlens_k, the mask, the tables), so kPre/kScores find them before the PDL wait
+  // with the first K tiles in flight.
+  float theta[GM];
+  bool dense[GM], row_nan[GM];
+  auto find_rules = [&] {
+    if (p.mask_kind == MaskKind::kNone && p.L <= 4 * kThreads) {  // every head's n is the row's length
+      ThetasOneRound<GM>(p, g * G, G, n_keys, theta);
+#pragma unroll
+      for (int r = 0; r < GM; ++r) {
+        dense[r] = n_keys <= p.k;
+        row_nan[r] = false;
+        if (tid == 0) head_n[r] = float(n_keys);
+      }
+      return;
+    }
+    int64_t n_last = -1, column = 0;  // heads of one row length share the threshold column
+#pragma unroll
+    for (int r = 0; r < GM; ++r) {
+      const int64_t h = g * G + (r < G ? r : 0);
+      const int64_t n = CountVisible<T>(p, n_keys, b, h, red);
+      if (n != n_last) { column = ThetaColumnWarp(p, n); n_last = n; }
+      const RowRule rule = RuleAt(p, h, n, column);
+      theta[r] = rule.theta;
+      dense[r] = rule.dense;
+      row_nan[r] = false;
+      if (tid == 0) head_n[r] = float(n);
+    }
+  };
   if constexpr (kMode != kPost) {
 #pragma unroll
     for (int st = 0; st < kStages; ++st) wts_of[st] = static_wt(st);
@@ -490,24 +578,11 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
     for (int st = 0; st < kStages - 1; ++st) issue(wts_of[st], st);
 #pragma unroll
     for (int i = 0; i + 1 < kAhead; ++i) claim(kStages + i, claimq[i]);
+    find_rules();
     if (early) WaitPrerequisite();
   }
 
-  // Per-head row constants (uniform across the CTA).
-  float theta[GM];
-  bool dense[GM], row_nan[GM];
-  int64_t n_last = -1, column = 0;  // heads of one row length share the threshold column
-#pragma unroll
-  for (int r = 0; r < GM; ++r) {
-    const int64_t h = g * G + (r < G ? r : 0);
-    const int64_t n = CountVisible<T>(p, n_keys, b, h, red);
-    if (n != n_last) { column = ThetaColumnWarp(p, n); n_last = n; }
-    const RowRule rule = RuleAt(p, h, n, column);
-    theta[r] = rule.theta;
-    dense[r] = rule.dense;
-    row_nan[r] = false;
-    if (tid == 0) head_n[r] = float(n);
-  }
+  if constexpr (kMode == kPost) find_rules();
 
   float gZ[GM];
   if constexpr (kMode == kPost) {  // global mx and Z per head from pass 1's partials
@@ -714,20 +789,22 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
         claim(it + kStages + kAhead - 1, claimq[kAhead - 1]);
         const T* stage = kring + (it % kStages) * TK * D;
         if constexpr (kMma) {
-          const unsigned sbase = static_cast<unsigned>(__cvta_generic_to_shared(stage));
-          const int mq = lane >> 3, gk = lane >> 2, hq = (lane & 3) * 2;
+          const unsigned sbase = ring_addr + unsigned(it % kStages) * unsigned(TK * D * int(sizeof(T)));
+          const int gk = lane >> 2, hq = (lane & 3) * 2;
 #pragma unroll
           for (int mb = 0; mb < RW / 16; ++mb) {
-            const int rbase = row0 + mb * 16, lrow = rbase + (lane & 7) + (mq & 1) * 8;
+            const int rbase = row0 + mb * 16;
             float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int ks = 0; ks < (kMma ? D / 16 : 1); ++ks) {
               unsigned a[4];
-              LdMatrixX4(a, sbase + unsigned(Swz(lrow, ks * 2 + (mq >> 1))) * unsigned(sizeof(T)));
+              LdMatrixX4(a, sbase + ((ld_off ^ unsigned(ks * 32)) + unsigned(mb * 16 * D) * unsigned(sizeof(T))));
               Mma16816<T>(c, a, qb[ks][0], qb[ks][1]);
             }
-            if (hq < G) { sc[hq][rbase + gk] = c[0] * p.scale; sc[hq][rbase + gk + 8] = c[2] * p.scale; }
-            if (hq + 1 < G) { sc[hq + 1][rbase + gk] = c[1] * p.scale; sc[hq + 1][rbase + gk + 8] = c[3] * p.scale; }
+            sc[hq][rbase + gk] = c[0] * p.scale;
+            sc[hq][rbase + gk + 8] = c[2] * p.scale;
+            sc[hq + 1][rbase + gk] = c[1] * p.scale;
+            sc[hq + 1][rbase + gk + 8] = c[3] * p.scale;
           }
         } else {
 #pragma unroll
@@ -767,12 +844,19 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       const int64_t j = t0 + row0 + lane;
       const bool in = lane < RW && j < key_end;
       bool vis_r[GM];
+      if (p.mask_kind == MaskKind::kNone) {  // one warp-uniform branch per tile, not one per head
 #pragma unroll
-      for (int r = 0; r < GM; ++r) {
-        float add = 0.f;
-        vis_r[r] = in && r < G && (p.mask_kind == MaskKind::kNone || MaskVisible<T>(p, MaskBase(p, b, g * G + r, 0), j, add));
-        a_r[r] = vis_r[r] ? a_r[r] + add : -INFINITY;
+        for (int r = 0; r < GM; ++r) vis_r[r] = in && r < G;
+      } else {
+#pragma unroll
+        for (int r = 0; r < GM; ++r) {
+          float add = 0.f;
+          vis_r[r] = in && r < G && MaskVisible<T>(p, MaskBase(p, b, g * G + r, 0), j, add);
+          a_r[r] += add;
+        }
       }
+#pragma unroll
+      for (int r = 0; r < GM; ++r) a_r[r] = vis_r[r] ? a_r[r] : -INFINITY;
       if constexpr (kMode == kScores) {
 #pragma unroll
         for (int r = 0; r < GM; ++r) {
@@ -813,20 +897,18 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
         }
         bool any = false;
 #pragma unroll
-        for (int r = 0; r < GM; ++r) {
-          float w = 0.f;
-          if (vis_r[r]) {
-            const float a = a_r[r];
-            if (isnan(a)) nan_t[r] = true;
-            const float e = isnan(a) ? 0.f : __expf(a - m_run[r]);
-            bool keep;
-            if (dense[r] || row_nan[r]) keep = true;
-            else keep = a > theta[r];
-            z_t[r] += e;
-            if (keep) { w = e; d_t[r] += e; kept_t[r] += 1; any = true; }
-            else drop_t[r] += e;
-          }
-          if (r < G && lane < RW) wts[buf][r][row0 + lane] = w;
+        for (int r = 0; r < GM; ++r) {  // selects, no branches: a = -inf where not visible
+          const float a = a_r[r];
+          const bool nan = isnan(a);
+          const float e = vis_r[r] && !nan ? ExpFtz(a - m_run[r]) : 0.f;
+          const bool keep = vis_r[r] && (dense[r] || row_nan[r] || a > theta[r]);
+          nan_t[r] = nan_t[r] || nan;
+          z_t[r] += e;
+          d_t[r] += keep ? e : 0.f;
+          drop_t[r] += keep ? 0.f : e;
+          kept_t[r] += keep ? 1 : 0;
+          any = any || keep;
+          if (r < G && lane < RW) wts[buf][r][row0 + lane] = keep ? e : 0.f;
         }
         // 3) this warp's kept rows: ballot → compacted list.
         const unsigned bal = __ballot_sync(0xffffffffu, any);
@@ -868,11 +950,29 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
             }
           }
         }
+        if constexpr (RPW == 4 && UV == 4) {  // 16-bit, Dh 64: lane group sub's rows sub + 4u are byte sub
+          // of idx's words 0..3 (one 16-byte read), and a tile in the past buffer needs no KvRow
+          const uint4 w4 = *reinterpret_cast<const uint4*>(idx[warp]);
+          const unsigned words[4] = {w4.x, w4.y, w4.z, w4.w};
 #pragma unroll
-        for (int u = 0; u < UV; ++u) {
-          const int c = sub + u * RPW;
-          pend_k[u] = c < count ? idx[warp][c] : -1;
-          if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, pend_k[u])));
+          for (int u = 0; u < UV; ++u) pend_k[u] = sub + 4 * u < count ? int((words[u] >> (8 * sub)) & 0xffu) : -1;
+          if (t0 + row0 + RW <= geo.past_rows) {
+            const T* vtile = static_cast<const T*>(p.past_value) + ((b * p.Hkv + g) * geo.past_len + t0) * D + col * E;
+#pragma unroll
+            for (int u = 0; u < UV; ++u)
+              if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vtile + pend_k[u] * D));
+          } else {
+#pragma unroll
+            for (int u = 0; u < UV; ++u)
+              if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, pend_k[u])));
+          }
+        } else {  // (the same for Dh 128 spilled registers in its loop)
+#pragma unroll
+          for (int u = 0; u < UV; ++u) {
+            const int c = sub + u * RPW;
+            pend_k[u] = c < count ? idx[warp][c] : -1;
+            if (pend_k[u] >= 0) pend_v[u] = __ldcs(reinterpret_cast<const uint4*>(vrow(t0, pend_k[u])));
+          }
         }
         __syncwarp();  // idx/sc of this warp are rewritten next tile
       }

@@ -85,12 +85,14 @@ def test_the_node_runs_on_the_cuda_ep(topt_library):
     assert providers == {"CUDAExecutionProvider"}, providers
 
 
-@pytest.mark.parametrize("columns", [40, 600, 1500])
+@pytest.mark.parametrize("columns", [40, 507, 512, 513, 600, 1500])
 @pytest.mark.parametrize("placement,compensation", [("post_softmax", "vmc"), ("pre_softmax", "sdc_exact+vmc")])
 def test_decode_with_a_long_calibrated_table_picks_each_rows_column(cuda_session, columns, placement, compensation):
-    # Calibrated tables have hundreds of length columns (SmolLM2 at 8K: 507); the decode kernels find
-    # a row's column by a warp-wide search of 2–3 rounds. Rows of different lengths (past_seqlens per
-    # batch row) must land on the reference's column: the kept counts in stats are compared exactly.
+    # Calibrated tables have hundreds of length columns (SmolLM2 at 8K: 507); the decode split kernel
+    # reads a table of up to 512 columns in one round (4 columns per thread), a longer one by a
+    # warp-wide search of 2–3 rounds: 507/512/513 sit at that edge. Rows of different lengths
+    # (past_seqlens per batch row) must land on the reference's column: the kept counts in stats are
+    # compared exactly.
     case = Case(B=4, Hq=9, Hkv=3, S=1, Skv=1, P=2000, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
                 placement=placement, compensation=compensation, with_past_v_sum=True, seed=100 + columns)
     inputs = make_inputs(case)
