@@ -63,6 +63,7 @@ struct Ws {
   float *acc, *part, *p1, *scores, *vsum, *vsplit;
   unsigned *count, *tiles;
   int64_t tbuf;
+  int trace_slot;
 };
 
 __host__ __device__ inline int64_t Tbuf(const TopThetaParams& p) {
@@ -86,6 +87,7 @@ __host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const Top
   w.vsum = w.scores + (p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0);
   w.vsplit = w.vsum + (VSumNeeded(p) ? p.B * VSumHeads(p) * kVSumChunks * p.Dv : 0);
   w.tbuf = Tbuf(p);
+  w.trace_slot = 0;
   return w;
 }
 
@@ -143,6 +145,29 @@ __device__ __forceinline__ unsigned AtomicAddNoWait(unsigned* ctr) {
   return old;
 }
 
+
+// -DTOPT_DECODE_TRACE=1 (experiment, bench/decode_trace.py): thread 0 of each split and merge CTA
+// stamps %globaltimer at its entry, after its loop / wait and at its end, with its SM, into
+// g_trace[slot] (slot: the launch's parity, so a chain's last two calls both show).
+#ifndef TOPT_DECODE_TRACE
+#define TOPT_DECODE_TRACE 0
+#endif
+constexpr int kTraceCtas = 4096;
+#if TOPT_DECODE_TRACE
+__device__ unsigned long long g_trace[2][2][kTraceCtas][8];  // [slot][split, merge][cta][stamps..., sm]
+// by thread 0 of the CTA, or (per_warp) by lane 0 of each warp
+__device__ __forceinline__ void Stamp(int slot, int kernel, int64_t cta, int k, bool per_warp = false) {
+  if ((per_warp ? (threadIdx.x & 31) : threadIdx.x) != 0 || cta >= kTraceCtas) return;
+  unsigned long long t;
+  unsigned sm;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  g_trace[slot][kernel][cta][k] = t;
+  g_trace[slot][kernel][cta][7] = sm;
+}
+#else
+__device__ __forceinline__ void Stamp(int, int, int64_t, int, bool = false) {}
+#endif
 
 // Tensor-core scores (16-bit T): the tile's keys are the M rows of m16n8k16, the G heads
 // (padded to 8) the N columns, so a 16-key × 16-dim block of K is one ldmatrix.x4 and one mma.
@@ -451,6 +476,8 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
 
   // Launched with PDL: the CTAs are resident by the time the kernel before ends. Everything below
   // waits for its results, except, after the GQA decode front, the first K tiles of the past.
+  const int64_t trace_cta = blockIdx.x + int64_t(gridDim.x) * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
+  if constexpr (kMode != kScores) Stamp(ws.trace_slot, 0, trace_cta, 0);
   if constexpr (kMode != kPost) if (!p.after_decode_front) WaitPrerequisite();
   const int s = blockIdx.x, splits = gridDim.x;
   const int64_t g = blockIdx.y, b = blockIdx.z;
@@ -985,6 +1012,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
     }
   }
   if constexpr (kMode != kPost) CpAsyncWait<0>();
+  if constexpr (kMode != kScores) Stamp(ws.trace_slot, 0, trace_cta, 1 + warp, true);
   LaunchDependents();  // the next kernel (pass 2 / merge) may start launching during the epilogue
 
   // Per-warp totals (kScores: lanes' maxima differ, rescale to the warp max first).
@@ -1088,6 +1116,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
       }
     }
     if constexpr (kFuse) MergeTail<T, D, GM>(p, ws, splits, b, g, G, reinterpret_cast<float*>(kring_raw), head_n);
+    Stamp(ws.trace_slot, 0, trace_cta, 5);
   }
 }
 
@@ -1118,16 +1147,22 @@ __global__ void DecodeVSumKernel(TopThetaParams p, Ws ws) {
 // Launched with PDL: what does not depend on the split kernel (the row's rule without a mask, the
 // running V sum and the new rows' V) is read before the wait; after it, one round of loads (each
 // split's m and acc in the same pass, by an online max) and shared-memory reductions.
+// MB: CTAs per SM the registers must allow. A grid larger than two per SM (B = 32 of 9 query heads:
+// 288 CTAs) takes the instance capped at 64 registers, 4 per SM (528 on an H100), and merges in one
+// wave: at 102 registers (2 per SM) its last 24 CTAs waited for the first ones to end
+// (bench/decode_trace.py; the real B = 32 step's merge: 8.7 µs uncapped, 5.7 capped). Smaller
+// grids (B = 1) keep the uncapped instance, 1.5-2 µs faster there (32/8 heads, 32K).
 constexpr int kMergeThreads = 256;
 
-template <typename T>
-__global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParams p, Ws ws, int splits) {
+template <typename T, int MB>
+__global__ void __launch_bounds__(kMergeThreads, MB) DecodeMergeKernel(TopThetaParams p, Ws ws, int splits) {
   constexpr int NWM = kMergeThreads / 32;
   __shared__ float wmax[NWM];
   __shared__ float red[NWM][8];
   __shared__ float4 part[NWM][32];
   __shared__ float vbase[kMergeThreads];
   const int64_t h = blockIdx.x, b = blockIdx.y;
+  Stamp(ws.trace_slot, 1, h + p.Hq * b, 0);
   const int64_t G = p.Hq / p.Hkv, g = h / G, r = h % G, Dv = p.Dv;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const KvGeom geo = GetGeom(p, b);
@@ -1157,19 +1192,16 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     }
   }
   WaitPrerequisite();
+  Stamp(ws.trace_slot, 1, h + p.Hq * b, 1);
   if (r == 0 && tid == 0) ws.tiles[(b * p.Hkv + g) * kClaimStride] = 0u;  // the splits are done claiming tiles: zero for the next call
   // 2) One round of loads: threads t < splits take split t's record (m, Z, D, dropped, kept, union,
   // nan: two float4), issued first; warp w takes splits w, w + NWM, ...: m_s and acc_s (lane c:
   // columns 4c..4c+3) loaded together, a running max per warp.
   static_assert(kM == 0 && kZ == 1 && kD == 2 && kDrop == 3 && kKeptF == 4 && kUnionF == 5 && kNanF == 6, "record layout");
-  static_assert(kMaxSplits <= 4 * kMergeThreads, "4 splits per thread at most");
-  float4 rf[4][2];  // the records of this thread's splits tid, tid + kMergeThreads, ...
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int s = tid + u * kMergeThreads;
-    rf[u][0] = s < splits ? *reinterpret_cast<const float4*>(rec(s)) : make_float4(-INFINITY, 0.f, 0.f, 0.f);
-    rf[u][1] = s < splits ? *reinterpret_cast<const float4*>(rec(s) + 4) : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  // the record of split tid (a thread's further splits, where there are more than threads, are read
+  // again below: registers for them would cost the kernel its one-wave occupancy)
+  const float4 rf0 = tid < splits ? *reinterpret_cast<const float4*>(rec(tid)) : make_float4(-INFINITY, 0.f, 0.f, 0.f);
+  const float4 rf1 = tid < splits ? *reinterpret_cast<const float4*>(rec(tid) + 4) : make_float4(0.f, 0.f, 0.f, 0.f);
   const int64_t nq = Dv / 4;
   float mw = -INFINITY;
   float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1195,6 +1227,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
       a.x += f * x[u].x; a.y += f * x[u].y; a.z += f * x[u].z; a.w += f * x[u].w;
     }
   }
+  Stamp(ws.trace_slot, 1, h + p.Hq * b, 2);
   float t[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // Z, D, dropped, kept, union, nan
   if (lane == 0) wmax[warp] = mw;
   __syncthreads();
@@ -1205,16 +1238,18 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     a.x *= f; a.y *= f; a.z *= f; a.w *= f;
   }
   part[warp][lane] = a;
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float f = rf[u][0].x == -INFINITY ? 0.f : expf(rf[u][0].x - M);
-    t[0] += f * rf[u][0].y;
-    t[1] += f * rf[u][0].z;
-    t[2] += f * rf[u][0].w;
-    t[3] += rf[u][1].x;
-    t[4] += rf[u][1].y;
-    t[5] = fmaxf(t[5], rf[u][1].z);
-  }
+  auto add_record = [&](const float4& r0, const float4& r1) {
+    const float f = r0.x == -INFINITY ? 0.f : expf(r0.x - M);
+    t[0] += f * r0.y;
+    t[1] += f * r0.z;
+    t[2] += f * r0.w;
+    t[3] += r1.x;
+    t[4] += r1.y;
+    t[5] = fmaxf(t[5], r1.z);
+  };
+  add_record(rf0, rf1);
+  for (int s = tid + kMergeThreads; s < splits; s += kMergeThreads)
+    add_record(*reinterpret_cast<const float4*>(rec(s)), *reinterpret_cast<const float4*>(rec(s) + 4));
 #pragma unroll
   for (int k = 0; k < 6; ++k) t[k] = k == 5 ? WarpMax(t[k]) : WarpSum(t[k]);
   if (lane == 0)
@@ -1227,6 +1262,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     for (int w = 1; w < NWM; ++w) v = k == 5 ? fmaxf(v, red[w][k]) : v + red[w][k];
     t[k] = v;
   }
+  Stamp(ws.trace_slot, 1, h + p.Hq * b, 3);
   if (n < 0) {  // a mask: n is the count of visible keys the splits saw
     n = int64_t(rec(0)[kNF]);
     rule = WeightsRuleWarp(p, h, n);
@@ -1272,6 +1308,7 @@ __global__ void __launch_bounds__(kMergeThreads) DecodeMergeKernel(TopThetaParam
     }
     p.stats[(b * p.Hq + h) * kNumStats + tid] = v;
   }
+  Stamp(ws.trace_slot, 1, h + p.Hq * b, 4);
 }
 
 // Launch `kernel` so that it may start while the previous kernel on `stream` finishes (PDL).
@@ -1335,6 +1372,13 @@ cudaError_t PrepareSplitKernels() {
   return status;
 }
 
+int SmCount() {
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
 // Resident CTAs per SM of the first split kernel of `p`'s placement, as the occupancy API reports it.
 template <typename T, int D, int GM>
 int SplitBlocksPerSm(const TopThetaParams& p) {
@@ -1357,17 +1401,25 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
     DecodeVSumKernel<T><<<vgrid, unsigned(std::min<int64_t>(128, (p.Dv + 31) / 32 * 32)), 0, stream>>>(p, ws);
   }
   const bool fuse = p.placement == Placement::kPreSoftmax && sizeof(T) == 2 && splits <= FusedMaxSplits();
+  Ws w = ws;
+#if TOPT_DECODE_TRACE
+  static int launches = 0;
+  w.trace_slot = launches++ & 1;
+#endif
   // the claiming instance where the longest row the buffer holds would use its claims
   constexpr int64_t kWarpTileRows = Cfg<T, D>::RPW * Cfg<T, D>::U;
   const bool claim = ClaimsPay((Tbuf(p) + kWarpTileRows - 1) / kWarpTileRows, splits);
   cudaError_t err = p.placement == Placement::kPreSoftmax
-      ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse, claim), grid, dim3(kThreads), ring, stream, p, ws)
-      : LaunchPdl(DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, ws);
+      ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse, claim), grid, dim3(kThreads), ring, stream, p, w)
+      : LaunchPdl(DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, w);
   if (err == cudaSuccess && p.placement != Placement::kPreSoftmax)
-    err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, ws);
+    err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, w);
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess || fuse) return err;
-  return LaunchPdl(DecodeMergeKernel<T>, dim3(unsigned(p.Hq), unsigned(p.B)), dim3(kMergeThreads), 0, stream, p, ws, splits);
+  const dim3 mgrid(unsigned(p.Hq), unsigned(p.B));
+  return p.Hq * p.B > 2 * int64_t(SmCount())
+      ? LaunchPdl(DecodeMergeKernel<T, 4>, mgrid, dim3(kMergeThreads), 0, stream, p, w, splits)
+      : LaunchPdl(DecodeMergeKernel<T, 1>, mgrid, dim3(kMergeThreads), 0, stream, p, w, splits);
 }
 
 // Calls f.template operator()<T, D, GM>() for the split-kernel instance that serves p.
@@ -1420,9 +1472,7 @@ bool DecodeSupported(const TopThetaParams& p) {
 
 int DecodeSplits(const TopThetaParams& p, int forced) {
   if (forced > 0) return std::min(forced, kMaxSplits);
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = SmCount();
   const int64_t keys = Tbuf(p);
   const int tk = p.dtype == DType::kFloat32 ? (p.Dh == 64 ? 64 : 32) : (p.Dh == 64 ? 128 : 64);
   const int64_t max_splits = std::max<int64_t>(1, (keys + 2 * tk - 1) / (2 * tk));  // >= 2 tiles each
@@ -1455,3 +1505,11 @@ cudaError_t LaunchDecode(const TopThetaParams& p, int splits, void* workspace, i
 
 }  // namespace cuda_detail
 }  // namespace topt
+
+#if TOPT_DECODE_TRACE
+// The trace for bench/decode_trace.py (ctypes): copies min(n, all) stamps to `out`.
+extern "C" __attribute__((visibility("default"))) int topt_decode_trace(unsigned long long* out, long long n) {
+  const size_t bytes = std::min<size_t>(size_t(n) * 8, sizeof(topt::cuda_detail::g_trace));
+  return int(cudaMemcpyFromSymbol(out, topt::cuda_detail::g_trace, bytes));
+}
+#endif

@@ -30,6 +30,14 @@ SHAPES = [  # decode- and prefill-like shapes on top of the random grid
          placement="pre_softmax", compensation="sdc_exact+vmc"),
     Case(B=16, Hq=32, Hkv=8, S=1, Skv=1, P=3000, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
          placement="pre_softmax", compensation="sdc_exact+vmc", with_past_v_sum=True),
+    # B = 1, long rows: more than 32 KV splits per KV head (the 512-thread merge), and more than 256
+    # (one KV head: the merge's threads take a second split's record each)
+    Case(B=1, Hq=32, Hkv=8, S=1, Skv=1, P=8192, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact+vmc", with_past_v_sum=True),
+    Case(B=1, Hq=9, Hkv=3, S=1, Skv=1, P=8192, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
+         placement="post_softmax", compensation="vmc"),
+    Case(B=1, Hq=4, Hkv=1, S=1, Skv=1, P=60000, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact+vmc"),
 ]
 CASES = SHAPES + [replace(c, seed=c.seed + 7) for c in covering_cases()] + sampled_cases(120, seed=21)
 # fp32 kernels accumulate in another order than the float64 reference; fp16 outputs round once.
