@@ -191,8 +191,13 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const unsigned (&a)[4], 
   }
 }
 
+// K tiles per warp in the ring: the one being scored and the next one in flight. With 3, the
+// 132 SMs kept ~13 MB of K requested ahead, and each kept V row (a load that waits for its tile's
+// scores) queued behind it: the standalone harness, same call, 2 vs 3 stages: B = 1 32/8/128 8K
+// 0.0158 vs 0.0175 ms, 32K 0.0355 vs 0.0380; 9/3/64 32K 0.0147 vs 0.0159; B = 8 32/8/128 32K
+// 0.1960 vs 0.1972 (bench/results/step_h100_session19). 4 were slower still (cuda_kernel.md).
 #ifndef TOPT_DECODE_STAGES
-#define TOPT_DECODE_STAGES 3
+#define TOPT_DECODE_STAGES 2
 #endif
 #ifndef TOPT_DECODE_MIN_BLOCKS
 #define TOPT_DECODE_MIN_BLOCKS 3
@@ -203,7 +208,7 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const unsigned (&a)[4], 
 #ifndef TOPT_DECODE_CLAIM_AHEAD
 #define TOPT_DECODE_CLAIM_AHEAD 4  // kPre: tiles between a claim and its use
 #endif
-constexpr int kStages = TOPT_DECODE_STAGES;  // K tiles in flight per CTA (cp.async ring)
+constexpr int kStages = TOPT_DECODE_STAGES;  // stages of the K ring (cp.async)
 
 // Claimed warp tiles pay where a (b, g) has a few splits (2-8: its warps' claims on one counter do
 // not queue; at B = 1, 50 splits of 32/8 heads, 32K ran 10% slower with claims), each warp with
