@@ -826,8 +826,10 @@ static int Time(const char* csv_path) {
     const int64_t len0 = 0;
     dlen.Up(&len0);
     const double scale = 1.0 / std::sqrt(double(D));
-    for (int pl = 0; pl < 2; ++pl) {
+    const char* only_f = std::getenv("TOPT_ONLY_F");  // "0.0625": pre_softmax at that union fraction only (profiles)
+    for (int pl = 0; pl < (only_f ? 1 : 2); ++pl) {
       for (double fu : fracs) {
+        if (only_f && std::fabs(fu - std::atof(only_f)) > 1e-9) continue;
         std::vector<float> th(Hq);
         const double fh = 1.0 - std::pow(1.0 - fu, 1.0 / double(G));
         for (int64_t h = 0; h < Hq; ++h) {
