@@ -22,18 +22,27 @@ namespace {
 enum Mode : int { kPre = 0, kScores = 1, kPost = 2 };
 
 constexpr int kWarps = 4, kThreads = kWarps * 32;
+// The wide instance (pre_softmax, unmasked, 16-bit): one CTA of 8 warps per SM where a (b, g) gets
+// many splits (B = 1). Its CTAs are a third as many, so the merge reads a third of the records and
+// the CTAs' fixed costs are paid 132 times, not 396; it also has 190 registers to the 4-warp
+// instance's 168. Standalone harness, H100, one call: B = 1 32/8/128 8K 0.0155 → 0.0151 ms, 32K
+// 0.0341 → 0.0336; 9/3/64 8K 0.0096 → 0.0092, 32K 0.0146 → 0.0129. Every split kernel at 8 warps
+// made B = 8 32/8/128 32K slower (0.1942 → 0.2016), hence an instance chosen by the grid
+// (bench/results/step_h100_session21).
+constexpr int kWideWarps = 8;
+constexpr int kWideMinSplits = 32;  // the 4-warp grid's splits per (b, g) from which the wide one runs
 constexpr float kRefSlack = 8.f;  // kPre: how far a score may pass the running reference before a rescale
 constexpr int kPartF = 8;  // per (split, head) floats: m, Z, D, dropped, kept, union, nan, n
 enum PartIdx : int { kM = 0, kZ, kD, kDrop, kKeptF, kUnionF, kNanF, kNF };
 
-template <typename T, int D>
+template <typename T, int D, int W = kWarps>
 struct Cfg {
   static constexpr int E = Vec16<T>::E;          // elements per 16-byte load
   static constexpr int LPR = D / E;               // lanes per row
   static constexpr int RPW = 32 / LPR;            // rows per warp per load
   static constexpr int U = 8;                     // loads in flight per lane (score phase)
-  static constexpr int TK = kWarps * RPW * U;     // keys per tile
-  static_assert(LPR <= 32 && TK <= kThreads, "tile shape");
+  static constexpr int TK = W * RPW * U;          // keys per tile
+  static_assert(LPR <= 32 && TK <= W * 32 && TK <= 256, "tile shape (a tile row is one byte in the kept lists)");
 };
 
 // Workspace layout (floats): part_acc [B, Hkv, splits, G, D], part_f [B, Hkv, splits, G, kPartF],
@@ -64,6 +73,7 @@ struct Ws {
   unsigned *count, *tiles;
   int64_t tbuf;
   int trace_slot;
+  int split_warps;  // warps per split CTA (the stale V sum's parts per split)
 };
 
 __host__ __device__ inline int64_t Tbuf(const TopThetaParams& p) {
@@ -88,6 +98,7 @@ __host__ __device__ inline Ws CarveWs(void* base, int64_t total_bytes, const Top
   w.vsplit = w.vsum + (VSumNeeded(p) ? p.B * VSumHeads(p) * kVSumChunks * p.Dv : 0);
   w.tbuf = Tbuf(p);
   w.trace_slot = 0;
+  w.split_warps = kWarps;
   return w;
 }
 
@@ -95,7 +106,7 @@ __host__ __device__ inline int64_t WsFloats(const TopThetaParams& p, int splits)
   const int64_t G = p.Hq / p.Hkv, units = p.B * p.Hkv * splits * G;
   const int64_t scores = p.placement == Placement::kPostSoftmax ? p.B * p.Hq * Tbuf(p) : 0;
   const int64_t vsum = VSumNeeded(p) ? p.B * VSumHeads(p) * kVSumChunks * p.Dv : 0;
-  const int64_t vsplit = UsesVSumState(p) ? p.B * p.Hkv * splits * kWarps * p.Dv : 0;  // stale-state fallback
+  const int64_t vsplit = UsesVSumState(p) ? p.B * p.Hkv * splits * kWideWarps * p.Dv : 0;  // stale-state fallback
   return units * (p.Dv + 2 * kPartF) + scores + vsum + vsplit;
 }
 
@@ -117,12 +128,12 @@ __device__ __forceinline__ float WarpSum(float v) {
 }
 
 // n of row (b, h, 0): every valid key without a mask, else the count of visible ones.
-template <typename T>
+template <typename T, int W = kWarps>
 __device__ int64_t CountVisible(const TopThetaParams& p, int64_t end, int64_t b, int64_t h, float* red) {
   if (p.mask_kind == MaskKind::kNone) return end;
   const int64_t base = MaskBase(p, b, h, 0);
   float c = 0.f;
-  for (int64_t j = threadIdx.x; j < end; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < end; j += W * 32) {
     float add;
     c += MaskVisible<T>(p, base, j, add) ? 1.f : 0.f;
   }
@@ -131,7 +142,7 @@ __device__ int64_t CountVisible(const TopThetaParams& p, int64_t end, int64_t b,
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = c;
   __syncthreads();
   float t = 0.f;
-  for (int w = 0; w < kWarps; ++w) t += red[w];
+  for (int w = 0; w < W; ++w) t += red[w];
   return int64_t(t);
 }
 
@@ -221,8 +232,8 @@ __host__ __device__ inline bool ClaimsPay(int64_t warp_tiles, int splits) {
 }
 constexpr int kMinBlocks = TOPT_DECODE_MIN_BLOCKS;  // resident CTAs per SM the registers allow (G <= 4)
 
-template <typename T, int D>
-constexpr int KStageBytes() { return Cfg<T, D>::TK * D * int(sizeof(T)); }
+template <typename T, int D, int W = kWarps>
+constexpr int KStageBytes() { return Cfg<T, D, W>::TK * D * int(sizeof(T)); }
 
 // v̄'s numerator (VMC, present_v_sum): the sum of row (b, h, 0)'s visible V rows at column d, from
 // past_v_sum or the running state (`state_past`: its sum of rows [0, past)) plus the visible new
@@ -410,9 +421,9 @@ __device__ __forceinline__ void MergeTail(const TopThetaParams& p, const Ws& ws,
 // come back through shared memory. ThetaColumnWarp's search is two dependent rounds and the entries
 // a third, on every CTA's path to its first tile, of a table seldom in L2 (one per layer; ncu of the
 // real step: 9.5% of the split kernel's stall samples sat on the search). All threads call it.
-template <int GM>
+template <int GM, int W = kWarps>
 __device__ void ThetasOneRound(const TopThetaParams& p, int64_t h0, int G, int64_t n, float (&theta)[GM]) {
-  __shared__ int counts[kWarps];
+  __shared__ int counts[W];
   __shared__ float found[GM];
   const int tid = threadIdx.x;
   int count = 0;
@@ -433,7 +444,7 @@ __device__ void ThetasOneRound(const TopThetaParams& p, int64_t h0, int G, int64
   __syncthreads();
   int column = 0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) column += counts[w];
+  for (int w = 0; w < W; ++w) column += counts[w];
   if (tid == column / 4) {
     const int e = column % 4;
 #pragma unroll
@@ -448,9 +459,12 @@ __device__ void ThetasOneRound(const TopThetaParams& p, int64_t h0, int G, int64
 // Warp w owns rows [w·RW, w·RW + RW) of every tile end to end — scores, decisions, compaction,
 // V gather — with its own running max, so the only CTA barrier per tile is the K ring's.
 // kFuse (kPre): the last CTA of each (b, g) merges the splits (MergeTail) instead of the merge kernel.
-template <typename T, int D, int GM, int kMode, bool kFuse = false, bool kClaimed = false, bool kMasked = true>
-__global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSplitKernel(TopThetaParams p, Ws ws) {
-  using C = Cfg<T, D>;
+// W: warps per CTA (kWideWarps: the wide instance, one CTA per SM).
+template <typename T, int D, int GM, int kMode, bool kFuse = false, bool kClaimed = false, bool kMasked = true, int W = kWarps>
+__global__ void __launch_bounds__(W * 32, W > kWarps ? 1 : GM <= 4 ? kMinBlocks : 2) DecodeSplitKernel(TopThetaParams p, Ws ws) {
+  constexpr int kWarps = W, kThreads = W * 32;  // this instance's (hide the namespace's)
+  static_assert(!kFuse || W == ::topt::cuda_detail::kWarps, "the fused tail assumes the 4-warp layout");
+  using C = Cfg<T, D, W>;
   constexpr int E = C::E, LPR = C::LPR, RPW = C::RPW, U = C::U, TK = C::TK;
   constexpr int RW = RPW * U;  // rows per warp per tile (<= 32)
   static_assert(RW <= 32, "one key per lane in the decision phase");
@@ -578,7 +592,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
   bool dense[GM], row_nan[GM];
   auto find_rules = [&] {
     if (p.mask_kind == MaskKind::kNone && p.L <= 4 * kThreads) {  // every head's n is the row's length
-      ThetasOneRound<GM>(p, g * G, G, n_keys, theta);
+      ThetasOneRound<GM, W>(p, g * G, G, n_keys, theta);
 #pragma unroll
       for (int r = 0; r < GM; ++r) {
         dense[r] = n_keys <= p.k;
@@ -591,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, GM <= 4 ? kMinBlocks : 2) DecodeSpli
 #pragma unroll
     for (int r = 0; r < GM; ++r) {
       const int64_t h = g * G + (r < G ? r : 0);
-      const int64_t n = CountVisible<T>(p, n_keys, b, h, red);
+      const int64_t n = CountVisible<T, W>(p, n_keys, b, h, red);
       if (n != n_last) { column = ThetaColumnWarp(p, n); n_last = n; }
       const RowRule rule = RuleAt(p, h, n, column);
       theta[r] = rule.theta;
@@ -1282,7 +1296,7 @@ __global__ void __launch_bounds__(kMergeThreads, MB) DecodeMergeKernel(TopThetaP
   // 3) A stale running V sum (first step after a prefill, a rewind): the split kernel's
   // per-(split, warp) sums of V's past rows.
   if (stale) {  // block-uniform
-    const int64_t groups = kMergeThreads / Dv, dd = tid % Dv, rg = tid / Dv, parts = int64_t(splits) * kWarps;
+    const int64_t groups = kMergeThreads / Dv, dd = tid % Dv, rg = tid / Dv, parts = int64_t(splits) * ws.split_warps;
     float sum = 0.f;
     if (rg < groups) {
       const float* part_sums = ws.vsplit + (b * p.Hkv + g) * parts * Dv + dd;
@@ -1347,9 +1361,12 @@ cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
 // A masked call takes the instance that reads the mask, without claims (the dealt tiles are as
 // correct, and one instance fewer to build); calls without a mask the lean ones.
 template <typename T, int D, int GM>
-auto PreSplitKernel(bool fuse, bool claim = false, bool masked = true) {
+auto PreSplitKernel(bool fuse, bool claim = false, bool masked = true, bool wide = false) {
   if constexpr (sizeof(T) == 2 && TOPT_DECODE_FUSED_MERGE) {
     if (fuse) return DecodeSplitKernel<T, D, GM, kPre, true>;
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (wide && !masked) return DecodeSplitKernel<T, D, GM, kPre, false, false, false, kWideWarps>;
   }
   if (masked) return DecodeSplitKernel<T, D, GM, kPre, false, false, true>;
   if constexpr (sizeof(T) == 2 && TOPT_DECODE_CLAIM) {
@@ -1371,14 +1388,17 @@ int FusedMaxSplits() {
 // fewer CTAs than the registers allow.
 template <typename T, int D, int GM>
 cudaError_t PrepareSplitKernels() {
-  constexpr int ring = kStages * KStageBytes<T, D>();
+  constexpr int ring = kStages * KStageBytes<T, D>(), wide_ring = kStages * KStageBytes<T, D, kWideWarps>();
   static cudaError_t status = [] {
-    for (auto k : {PreSplitKernel<T, D, GM>(false), PreSplitKernel<T, D, GM>(true), PreSplitKernel<T, D, GM>(false, true, false),
-                   PreSplitKernel<T, D, GM>(false, false, false), DecodeSplitKernel<T, D, GM, kScores>}) {
-      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
+    auto prepare = [](auto k, int bytes) {
+      cudaError_t e = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (e == cudaSuccess) e = cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-      if (e != cudaSuccess) return e;
-    }
+      return e;
+    };
+    for (auto k : {PreSplitKernel<T, D, GM>(false), PreSplitKernel<T, D, GM>(true), PreSplitKernel<T, D, GM>(false, true, false),
+                   PreSplitKernel<T, D, GM>(false, false, false), DecodeSplitKernel<T, D, GM, kScores>})
+      if (const cudaError_t e = prepare(k, ring); e != cudaSuccess) return e;
+    if constexpr (sizeof(T) == 2) return prepare(PreSplitKernel<T, D, GM>(false, false, false, true), wide_ring);
     return cudaSuccess;
   }();
   return status;
@@ -1391,21 +1411,27 @@ int SmCount() {
   return sms;
 }
 
-// Resident CTAs per SM of the first split kernel of `p`'s placement, as the occupancy API reports it.
+// Resident CTAs per SM of the first split kernel of `p`'s placement (the 4-warp instances, or the
+// wide one), as the occupancy API reports it.
 template <typename T, int D, int GM>
-int SplitBlocksPerSm(const TopThetaParams& p) {
+int SplitBlocksPerSm(const TopThetaParams& p, bool wide) {
   if (PrepareSplitKernels<T, D, GM>() != cudaSuccess) return 1;
   int n = 0;
-  const cudaError_t e = p.placement == Placement::kPreSoftmax
+  const cudaError_t e = wide
+      ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, PreSplitKernel<T, D, GM>(false, false, false, true), kWideWarps * 32,
+                                                      kStages * KStageBytes<T, D, kWideWarps>())
+      : p.placement == Placement::kPreSoftmax
       ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, PreSplitKernel<T, D, GM>(false), kThreads, kStages * KStageBytes<T, D>())
       : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, DecodeSplitKernel<T, D, GM, kScores>, kThreads, kStages * KStageBytes<T, D>());
   return e == cudaSuccess && n > 0 ? n : 1;
 }
 
+bool WideSplits(const TopThetaParams& p);
+
 template <typename T, int D, int GM>
 cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cudaStream_t stream) {
   const dim3 grid(unsigned(splits), unsigned(p.Hkv), unsigned(p.B));
-  constexpr int ring = kStages * KStageBytes<T, D>();
+  constexpr int ring = kStages * KStageBytes<T, D>(), wide_ring = kStages * KStageBytes<T, D, kWideWarps>();
   static_assert(ring >= GM * kMaxSplits * int(sizeof(float)), "the merge tail's scratch lives in the K ring");
   if (const cudaError_t e = PrepareSplitKernels<T, D, GM>(); e != cudaSuccess) return e;
   if (VSumNeeded(p)) {  // before the splits: they and the merge wait for it
@@ -1413,7 +1439,9 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
     DecodeVSumKernel<T><<<vgrid, unsigned(std::min<int64_t>(128, (p.Dv + 31) / 32 * 32)), 0, stream>>>(p, ws);
   }
   const bool fuse = p.placement == Placement::kPreSoftmax && sizeof(T) == 2 && splits <= FusedMaxSplits();
+  const bool wide = sizeof(T) == 2 && !fuse && WideSplits(p);
   Ws w = ws;
+  if (wide) w.split_warps = kWideWarps;
 #if TOPT_DECODE_TRACE
   static int launches = 0;
   w.trace_slot = launches++ & 1;
@@ -1421,7 +1449,9 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
   // the claiming instance where the longest row the buffer holds would use its claims
   constexpr int64_t kWarpTileRows = Cfg<T, D>::RPW * Cfg<T, D>::U;
   const bool claim = ClaimsPay((Tbuf(p) + kWarpTileRows - 1) / kWarpTileRows, splits);
-  cudaError_t err = p.placement == Placement::kPreSoftmax
+  cudaError_t err = wide
+      ? LaunchPdl(PreSplitKernel<T, D, GM>(false, false, false, true), grid, dim3(kWideWarps * 32), wide_ring, stream, p, w)
+      : p.placement == Placement::kPreSoftmax
       ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse, claim, p.mask_kind != MaskKind::kNone), grid, dim3(kThreads), ring, stream, p, w)
       : LaunchPdl(DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, w);
   if (err == cudaSuccess && p.placement != Placement::kPreSoftmax)
@@ -1467,9 +1497,23 @@ struct LaunchSplitsFn {
 };
 struct BlocksPerSmFn {
   const TopThetaParams& p;
+  bool wide;
   template <typename T, int D, int GM>
-  int operator()() const { return SplitBlocksPerSm<T, D, GM>(p); }
+  int operator()() const { return SplitBlocksPerSm<T, D, GM>(p, wide); }
 };
+
+// The wide instance where the 4-warp grid of one wave would give a (b, g) kWideMinSplits splits or
+// more (B = 1); TOPT_CUDA_DECODE_WIDE=0 turns it off (benchmarks: both in one library).
+bool WideSplits(const TopThetaParams& p) {
+  static const bool allowed = [] {
+    const char* s = std::getenv("TOPT_CUDA_DECODE_WIDE");
+    return !(s && s[0] == '0');
+  }();
+  if (!allowed || p.dtype == DType::kFloat32 || p.placement != Placement::kPreSoftmax || p.mask_kind != MaskKind::kNone)
+    return false;
+  const int64_t slots = int64_t(SmCount()) * WithInstance(p, BlocksPerSmFn{p, false});
+  return slots / (p.B * p.Hkv) >= kWideMinSplits;
+}
 
 bool Aligned16(const void* x) { return (reinterpret_cast<uintptr_t>(x) & 15u) == 0; }
 
@@ -1487,10 +1531,12 @@ int DecodeSplits(const TopThetaParams& p, int forced) {
   const int sms = SmCount();
   const int64_t keys = Tbuf(p);
   const int tk = p.dtype == DType::kFloat32 ? (p.Dh == 64 ? 64 : 32) : (p.Dh == 64 ? 128 : 64);
-  const int64_t max_splits = std::max<int64_t>(1, (keys + 2 * tk - 1) / (2 * tk));  // >= 2 tiles each
   // One wave: the split kernel holds 3 CTAs per SM (2 for G > 4: registers); more waves leave a
   // partial last wave, fewer leave SMs idle (measured: B=1, 32/8 heads, 32K: 50 splits best).
-  const int per_sm = WithInstance(p, BlocksPerSmFn{p});
+  // >= 2 tiles of the 4-warp instance each (one of the wide one: capped at 2 wide tiles, 9/3/64 B = 1
+  // 8K had 16 splits and no gain, 0.0095 ms; with 32, 0.0091)
+  const int64_t max_splits = std::max<int64_t>(1, (keys + 2 * tk - 1) / (2 * tk));
+  const int per_sm = WithInstance(p, BlocksPerSmFn{p, WideSplits(p)});
   const int64_t slots = int64_t(sms) * per_sm;
   // TOPT_CUDA_DECODE_WAVES (benchmarks): CTAs per resident slot to aim for, 1 unless set.
   static const double waves = [] {

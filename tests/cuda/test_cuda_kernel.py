@@ -38,6 +38,12 @@ SHAPES = [  # decode- and prefill-like shapes on top of the random grid
          placement="post_softmax", compensation="vmc"),
     Case(B=1, Hq=4, Hkv=1, S=1, Skv=1, P=60000, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
          placement="pre_softmax", compensation="sdc_exact+vmc"),
+    # the wide split kernel (8 warps, one CTA per SM; pre_softmax without a mask where a KV head gets
+    # many splits): Dh 64's 256-key tiles (a tile row is one byte in the kept lists), uneven rows
+    Case(B=1, Hq=9, Hkv=3, S=1, Skv=1, P=8192, Dh=64, Dv=64, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact+vmc", with_past_v_sum=True),
+    Case(B=2, Hq=12, Hkv=2, S=1, Skv=1, P=5001, Dh=128, Dv=128, dtype="float16", kv_layout="shared_buffer",
+         placement="pre_softmax", compensation="sdc_exact"),
 ]
 CASES = SHAPES + [replace(c, seed=c.seed + 7) for c in covering_cases()] + sampled_cases(120, seed=21)
 # fp32 kernels accumulate in another order than the float64 reference; fp16 outputs round once.
