@@ -3,14 +3,15 @@ prefill kernel, CUDA EP) against ONNX Runtime's dense com.microsoft.GroupQueryAt
 prompt, past and present one buffer, as onnxruntime-genai runs it), ONNX Attention-23 (is_causal) and
 torch SDPA (flash), all causal, fp16.
 
-What the Top-θ kernel skips is the P·V work (and nothing else) of a warp tile, 16 query rows × 64
-keys, in which no row keeps a key. So the thresholds are set to hit a target fraction of the
-visible warp tiles that keep nothing ("tiles below θ"), by bisection on one score threshold z with
+What the Top-θ kernel skips is the P·V work (and nothing else) of a tile in which no row keeps a
+key: 16 query rows × 64 keys (a warp's, the mma.sync kernel) or, on sm_90 at Dh 128, 64 rows × 64
+keys (a warpgroup's, the wgmma kernel): --tile-rows. So the thresholds are set to hit a target
+fraction of the visible tiles of that size that keep nothing ("tiles below θ"), by bisection on one score threshold z with
 torch on the same inputs: pre-softmax θ = z for every row length; post-softmax θ(n) = e^z / (n·e^0.5),
 the matching probability for N(0, 1) scores, in threshold columns every 64 keys. Inputs are random
 normal (never zeros), so kept keys are spread evenly: reaching a given tile fraction keeps fewer
 keys per row than real attention, whose kept keys cluster (sinks, the diagonal); the kernel's time
-depends on the tiles it skips, and both fractions are reported.
+depends on the tiles it skips, and both fractions are reported (and the 16-row tiles' fraction).
 
 Time per node: every model is N independent nodes (same Q, each with its own K/V, so no node's K/V
 sits in L2 for the next), bound with I/O binding to torch device buffers; the time per node is the
@@ -99,9 +100,10 @@ def attention23_model(n, B, Hq, Hkv, S, D):
 
 
 @torch.no_grad()
-def tile_fractions(q, k, placement, z, heads, rows_per_chunk=1024):
-    """(fraction of visible warp tiles that keep no key, fraction of visible scores kept) of batch 0,
-    for the given query heads, with the kernel's rule: causal, pre a > θ, post e/Z > θ(n)."""
+def tile_fractions(q, k, placement, z, heads, tile_rows=WARP_ROWS, rows_per_chunk=1024):
+    """(fraction of visible tiles of tile_rows × 64 keys that keep no key, fraction of visible scores
+    kept) of batch 0, for the given query heads, with the kernel's rule: causal, pre a > θ, post
+    e/Z > θ(n)."""
     Hq, S, D = q.shape[1], q.shape[2], q.shape[3]
     G, scale = Hq // k.shape[1], 1.0 / math.sqrt(D)
     theta, lengths = theta_table(placement, z, 1, S)
@@ -122,8 +124,8 @@ def tile_fractions(q, k, placement, z, heads, rows_per_chunk=1024):
                 keep = torch.softmax(a, dim=1) > theta_t[col.clamp(min=0)][:, None]
             keep &= vis
             R = r1 - r0
-            tiles_keep = keep.view(R // WARP_ROWS, WARP_ROWS, S // TILE_KEYS, TILE_KEYS).any(3).any(1)
-            tile_vis = vis.view(R // WARP_ROWS, WARP_ROWS, S // TILE_KEYS, TILE_KEYS).any(3).any(1)
+            tiles_keep = keep.view(R // tile_rows, tile_rows, S // TILE_KEYS, TILE_KEYS).any(3).any(1)
+            tile_vis = vis.view(R // tile_rows, tile_rows, S // TILE_KEYS, TILE_KEYS).any(3).any(1)
             skipped += int((tile_vis & ~tiles_keep).sum())
             visible += int(tile_vis.sum())
             kept += int(keep.sum())
@@ -131,11 +133,11 @@ def tile_fractions(q, k, placement, z, heads, rows_per_chunk=1024):
     return skipped / visible, kept / seen
 
 
-def find_z(q, k, placement, target, heads):
+def find_z(q, k, placement, target, heads, tile_rows):
     lo, hi = 0.0, 12.0
     for _ in range(18):
         z = (lo + hi) / 2
-        skip, _ = tile_fractions(q, k, placement, z, heads)
+        skip, _ = tile_fractions(q, k, placement, z, heads, tile_rows)
         if abs(skip - target) < 0.005:
             break
         lo, hi = (lo, z) if skip > target else (z, hi)
@@ -163,7 +165,7 @@ def sdpa_ms(q, ks, vs, G, repeats):
     return statistics.median(times)
 
 
-def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers):
+def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers, tile_rows=WARP_ROWS):
     G, n1, n2 = Hq // Hkv, layers[0], layers[1]
     dev = dict(device="cuda", dtype=torch.float16)
     q = torch.randn(B, Hq, S, D, **dev)
@@ -213,14 +215,15 @@ def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers):
             if target <= 0:
                 z = -math.inf if placement == "pre_softmax" else -50.0  # keep everything
             else:
-                z = find_z(q, ks[0], placement, target, probe_heads)
-            skip, kept = tile_fractions(q, ks[0], placement, z, range(Hq))
+                z = find_z(q, ks[0], placement, target, probe_heads, tile_rows)
+            skip, kept = tile_fractions(q, ks[0], placement, z, range(Hq), tile_rows)
+            warp_skip = skip if tile_rows == WARP_ROWS else tile_fractions(q, ks[0], placement, z, range(Hq))[0]
             theta, lengths = theta_table(placement, z, Hq, S)
             ms = slope_ms(lambda n: topt_runner(n, placement, compensation, theta, lengths, dense_prompt), n1, n2, repeats)
             results.append(row | dense | {
                 "placement": placement + (" dense_prompt" if dense_prompt else ""), "compensation": compensation,
                 "target_tiles_skipped": target, "z": z,
-                "tiles_skipped": skip, "kept_fraction": kept, "topt_ms": ms, "best_dense_ms": best,
+                "tile_rows": tile_rows, "tiles_skipped": skip, "warp_tiles_skipped": warp_skip, "kept_fraction": kept, "topt_ms": ms, "best_dense_ms": best,
                 "speedup_vs_best_dense": best / ms, "dense_TFLOPs": flops / best / 1e9, "topt_dense_equiv_TFLOPs": flops / ms / 1e9})
             print(json.dumps(results[-1]), flush=True)
     del ks, vs, caches
@@ -233,7 +236,9 @@ def main():
     parser.add_argument("--batches", default="1")
     parser.add_argument("--lengths", default="4096,8192,16384")
     parser.add_argument("--heads", default="32:8:128,9:3:64", help="Hq:Hkv:D,...")
-    parser.add_argument("--skips", default="0,0.7,0.9", help="target fractions of visible warp tiles that keep nothing (0: θ = -inf)")
+    parser.add_argument("--skips", default="0,0.7,0.9", help="target fractions of visible tiles that keep nothing (0: θ = -inf)")
+    parser.add_argument("--tile-rows", type=int, default=WARP_ROWS,
+                        help="query rows of the skip unit: 16 (mma.sync kernel) or 64 (the sm_90 wgmma kernel, Dh 128)")
     parser.add_argument("--placements", default="pre_softmax:sdc_exact+vmc,post_softmax:vmc,post_softmax:vmc:dense_prompt",
                         help="placement:compensation[:dense_prompt] (dense_prompt: the attribute set, every key kept)")
     parser.add_argument("--repeats", type=int, default=10)
@@ -245,9 +250,11 @@ def main():
         for Hq, Hkv, D in head_shapes(args.heads):
             for S in map(int, args.lengths.split(",")):
                 results += prefill_config(B, Hq, Hkv, D, S, [float(s) for s in args.skips.split(",")],
-                                          [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, 3))
-    report(results, args.out, "| B | Hq/Hkv/D | S | placement | tiles skipped | kept | topt ms | GQA ms | SDPA ms | A-23 ms | vs best dense |",
-           lambda r: f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['S']} | {r['placement']} | {r['tiles_skipped']:.3f} | "
+                                          [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, 3),
+                                          args.tile_rows)
+    report(results, args.out, "| B | Hq/Hkv/D | S | placement | tiles skipped (16-row) | kept | topt ms | GQA ms | SDPA ms | A-23 ms | vs best dense |",
+           lambda r: f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['S']} | {r['placement']} | {r['tiles_skipped']:.3f} "
+                     f"({r['warp_tiles_skipped']:.3f}) | "
                      f"{r['kept_fraction']:.5f} | {r['topt_ms']:.3f} | {r['gqa_ms']:.3f} | {r['sdpa_ms']:.3f} | "
                      f"{r['attention23_ms']:.3f} | {r['speedup_vs_best_dense']:.2f}x |")
 

@@ -700,6 +700,24 @@ static std::vector<Case> Cases(std::mt19937_64& rng) {
     comp(c);
     cs.push_back(c);
   }
+  // Long prompts for the tiled prefill kernels (fp16, no stats, no past_v_sum, no mask): many
+  // 64-key tiles and 128-row blocks, pasts at unaligned offsets; mostly pre_softmax (the one-pass
+  // instance, on sm_90 the wgmma kernel).
+  for (int rep = 0; rep < 12; ++rep) {
+    Case c;
+    const Hd hd = heads[pick(4)];
+    c.Hq = hd.hq; c.Hkv = hd.hkv; c.B = 1 + pick(2);
+    c.Dh = c.Dv = coin(rng) ? 64 : 128;
+    c.S = 130 + pick(500);
+    c.causal = pick(4) != 0;
+    c.Skv = c.S;
+    if (rep % 2 == 0) { c.shared = true; c.inplace = coin(rng); c.P = c.S + pick(300); }
+    else { c.has_past = coin(rng); c.P = c.has_past ? 1 + pick(300) : 0; }
+    comp(c);
+    if (rep % 4 != 3) { c.placement = Placement::kPreSoftmax; c.sdc = Sdc(pick(4)); }
+    c.want_stats = false; c.past_v_sum = false;
+    cs.push_back(c);
+  }
   return cs;
 }
 
@@ -709,7 +727,9 @@ static int Check(uint64_t seed) {
   int fails = 0;
   double worst[3] = {0, 0, 0};  // err_cpu / tol per dtype
   double maxerr[3] = {0, 0, 0};
-  for (size_t x = 0; x < cs.size(); ++x) {
+  const char* first = std::getenv("TOPT_CHECK_FROM");  // run cases [first, end) only; < 0: the last -first
+  const int from = first ? std::atoi(first) : 0;
+  for (size_t x = from < 0 ? cs.size() - size_t(-from) : size_t(from); x < cs.size(); ++x) {
     const CheckResult r = RunCase(cs[x], seed * 1000003ull + x);
     const int di = int(cs[x].dtype);
     worst[di] = std::max(worst[di], r.err_cpu / r.tol);
@@ -887,6 +907,46 @@ static int Time(const char* csv_path) {
   return 0;
 }
 
+// Prefill: one causal prompt of S rows (concat, no past), pre_softmax + exact SDC + VMC, fp16, the
+// launcher's choice of kernel (TOPT_CUDA_PREFILL_SM90=0: the mma.sync one). Random N(0, 1) q, k,
+// so a = scale·q·k ~ N(0, 1): θ = -inf keeps everything, θ = 3.5 / 3.8 / 4.0 keep ~2e-4 / 7e-5 /
+// 3e-5 of the scores (about 39% / 74% / 88% of the 64 × 64 warpgroup tiles keep nothing).
+static int PrefillTime() {
+  struct Shape { int64_t Hq, Hkv, D; };
+  const char* only = std::getenv("TOPT_PF_ONLY");  // "Hq,S"
+  std::printf("%-8s %-6s %-6s %-8s\n", "heads", "S", "theta", "ms");
+  for (const Shape sh : {Shape{32, 8, 128}, Shape{9, 3, 64}})
+    for (int64_t S : {4096, 8192, 16384}) {
+      long long oh, os;
+      if (only && std::sscanf(only, "%lld,%lld", &oh, &os) == 2 && (oh != sh.Hq || os != S)) continue;
+      const int64_t B = 1;
+      DevBuf dq(B * sh.Hq * S * sh.D * 2), dk(B * sh.Hkv * S * sh.D * 2), dv(B * sh.Hkv * S * sh.D * 2), dy(B * sh.Hq * S * sh.D * 2);
+      FillHalfKernel<<<1024, 256>>>(static_cast<__half*>(dq.p), dq.n / 2, 11 + S);
+      FillHalfKernel<<<1024, 256>>>(static_cast<__half*>(dk.p), dk.n / 2, 12 + S);
+      FillHalfKernel<<<1024, 256>>>(static_cast<__half*>(dv.p), dv.n / 2, 13 + S);
+      CK(cudaGetLastError());
+      DevBuf dth(sh.Hq * 4), dlen(8);
+      const int64_t len0 = 0;
+      dlen.Up(&len0);
+      for (float theta : {-INFINITY, 3.5f, 3.8f, 4.0f}) {
+        std::vector<float> th(sh.Hq, theta);
+        dth.Up(th.data());
+        TopThetaParams p;
+        p.dtype = DType::kFloat16; p.B = B; p.Hq = sh.Hq; p.Hkv = sh.Hkv; p.S = S; p.Skv = S; p.Dh = sh.D; p.Dv = sh.D;
+        p.P = 0; p.L = 1; p.scale = float(1.0 / std::sqrt(double(sh.D))); p.k = 0; p.is_causal = true;
+        p.placement = Placement::kPreSoftmax; p.sdc = Sdc::kExact; p.vmc = true; p.kv_layout = KvLayout::kConcat;
+        p.q = dq.p; p.k_new = dk.p; p.v_new = dv.p; p.y = dy.p;
+        p.thresholds = static_cast<const float*>(dth.p); p.threshold_lengths = static_cast<const int64_t*>(dlen.p);
+        DevBuf ws(size_t(TopThetaCudaWorkspaceBytes(p)));
+        p.workspace = ws.p; p.workspace_bytes = int64_t(ws.n);
+        const double med = TimeGraph([&](cudaStream_t st, int) { CK(LaunchTopThetaCuda(p, st)); }, 5);
+        const std::string heads = std::to_string(sh.Hq) + "/" + std::to_string(sh.Hkv) + "/" + std::to_string(sh.D);
+        std::printf("%-8s %-6lld %-6.1f %-8.4f\n", heads.c_str(), (long long)S, theta, med);
+      }
+    }
+  return 0;
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   if (mode == "check") {
@@ -898,6 +958,7 @@ int main(int argc, char** argv) {
     return fails ? 1 : 0;
   }
   if (mode == "time") return Time(argc > 2 ? argv[2] : nullptr);
+  if (mode == "ptime") return PrefillTime();
   if (mode == "cpuref") {  // harness cpuref seed case...
     const uint64_t seed = std::strtoull(argv[2], nullptr, 10);
     std::mt19937_64 rng(seed);
@@ -905,6 +966,6 @@ int main(int argc, char** argv) {
     for (int a = 3; a < argc; ++a) { const int x = std::atoi(argv[a]); CpuVsRef(cs[x], seed * 1000003ull + x); }
     return 0;
   }
-  std::fprintf(stderr, "usage: harness check [seed] [nseeds] | harness time [csv]\n");
+  std::fprintf(stderr, "usage: harness check [seed] [nseeds] | harness time [csv] | harness ptime\n");
   return 2;
 }

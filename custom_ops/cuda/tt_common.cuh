@@ -70,6 +70,27 @@ __device__ __forceinline__ float ExpFtz(float x) {
   return y;
 }
 
+// Tensor-core helpers of the prefill kernels (tt_prefill.cu, tt_prefill_sm90.cu).
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kPfKeys = 64;  // keys per prefill tile, and per column-sum tile of V
+
+__device__ __forceinline__ unsigned SmemAddr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ float Exp2(float x) {  // MUFU.EX2; -inf gives 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ unsigned Pack(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+// An m16n8 score fragment (key group nt of a 64-key tile) as m16k16 A fragments: c0,c1 → a0 (a2
+// for the odd key group); c2,c3 → a1 (a3). The same layout serves mma.sync and wgmma.
+__device__ __forceinline__ void PackA(unsigned (&pa)[4][4], int nt, const float (&w)[4]) {
+  pa[nt >> 1][2 * (nt & 1)] = Pack(w[0], w[1]);
+  pa[nt >> 1][2 * (nt & 1) + 1] = Pack(w[2], w[3]);
+}
+
 // Keys of batch b: rows [0, past_rows) come from the past buffer, [past_rows, valid_end) from the
 // new input; query i sits at position past_rows + i and, when causal, sees keys j <= it.
 struct KvGeom {

@@ -1,0 +1,466 @@
+// Prefill (S > 1) on Hopper warpgroup MMAs (wgmma, sm_90a): the one-pass instance of tt_prefill.cu
+// (pre_softmax, or every row dense; no mask), float16, Dh = Dv in {64, 128}. Same rule, same
+// compensation, same column sums; what changes is the tensor-core work:
+// - a CTA of two warpgroups owns 128 query rows of one head; each warpgroup computes its 64 rows ×
+//   64 keys of Q·Kᵀ with one m64n64k16 wgmma per 16 dims, Q and K read from shared memory;
+// - O += P·V is an m64nDk16 wgmma per 16 keys, P from registers (the score fragment is already
+//   the A layout), V from shared memory. wgmma wants V's keys contiguous, so V is transposed once
+//   per (b, g) into the workspace first (TransposeVKernel: one read and one write of V);
+// - the P·V of a tile is skipped when no row of the warpgroup keeps a key in it (the skip unit is
+//   64 rows × 64 keys, the warpgroup's: wgmma is issued by all four warps together);
+// - K and Vᵀ tiles come through a 3-stage cp.async ring in the 128-byte swizzle wgmma reads.
+// Chosen at launch where the device is sm_90 and this file's sm_90a code is the binary that runs
+// (PrefillSm90Available); TOPT_CUDA_PREFILL_SM90=0 turns it off.
+#include <cuda_fp16.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "tt_common.cuh"
+#include "tt_internal.h"
+
+namespace topt {
+namespace cuda_detail {
+namespace {
+
+// kStages: tile t + 3 is copied while tile t is computed and t + 1's Q·Kᵀ runs (5 × 32 KB at Dh 128).
+constexpr int kRows = 128, kThreads = 256, kStages = 5;  // rows: two warpgroups of 64
+
+// Tiles in shared memory, K-major with the 128-byte swizzle: a block holds rows of 64 halves (128
+// bytes), the 16-byte chunk c of row r at chunk position c ^ (r % 8); Dh = 128 is two blocks of
+// all rows, side by side. Every tile starts at a multiple of 1024 bytes (the swizzle's period).
+template <int D>
+struct Sm90Smem {
+  __half q[kRows * D];              // [D / 64 blocks][128 rows][64]
+  __half k[kStages][kPfKeys * D];   // [D / 64 blocks][64 keys][64]
+  __half vt[kStages][D * kPfKeys];  // [D rows][64 keys]
+  float vcol[D];
+};
+
+// The device helpers exist in the sm_90a pass only (the other passes compile the kernel empty).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Offset in halves of element (r, c) of a swizzled tile of R rows.
+template <int R>
+__device__ __forceinline__ int Swz(int r, int c) {
+  return (c >> 6) * R * 64 + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+}
+
+// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t Desc(const __half* p) {
+  const uint64_t a = SmemAddr(p);
+  return ((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>  // until at most N committed groups of this warp are pending
+__device__ __forceinline__ void WgWait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// cp.async (generic proxy) writes made visible to wgmma's reads (async proxy).
+__device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads and writes across an issue or a wait.
+template <int N>
+__device__ __forceinline__ void FenceRegs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// OR of v over the warpgroup's 128 threads (named barrier 1 + wg).
+__device__ __forceinline__ bool WgAny(bool v, int wg) {
+  unsigned r;
+  asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, 128, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+               : "=r"(r) : "r"(unsigned(v)), "r"(1 + wg) : "memory");
+  return __shfl_sync(0xffffffffu, r, 0) != 0;  // uniform, and known to be (see wg)
+}
+
+// The wgmma forms used (generated: every accumulator register is an operand).
+// d (64 × 64, fp32) (+)= A (64 × 16, shared) · B (16 × 64, shared).
+__device__ __forceinline__ void WgmmaSS(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+// d (64 × N, fp32) += A (64 × 16, registers) · B (16 × N, shared), N = 64 or 128.
+__device__ __forceinline__ void WgmmaRS(float (&d)[32], const unsigned (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+__device__ __forceinline__ void WgmmaRS(float (&d)[64], const unsigned (&a)[4], uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+template <int D>
+__device__ __forceinline__ void WgmmaPV(float (&acc)[D / 2], const unsigned (&a)[4], uint64_t b) { WgmmaRS(acc, a, b); }
+#endif
+
+// Vᵀ per (b, g): vt[((b·Hkv + g)·D + d)·Tpad + j] = V[j][d] over the keys the buffers can hold,
+// zero past the batch's valid keys (so that P = 0 there never meets a NaN).
+template <int D>
+__global__ void __launch_bounds__(kThreads) TransposeVKernel(TopThetaParams p, __half* vt, int64_t Tpad) {
+  __shared__ __half tile[kPfKeys][D + 8];
+  const int64_t j0 = int64_t(blockIdx.x) * kPfKeys, bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
+  const KvGeom geo = GetGeom(p, b);
+  constexpr int C = D / 8;
+  for (int i = threadIdx.x; i < kPfKeys * C; i += kThreads) {
+    const int r = i / C, c = i % C;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (j0 + r < geo.valid_end) x = reinterpret_cast<const uint4*>(KvRow<__half>(p.past_value, p.v_new, p, geo, b, g, j0 + r, D))[c];
+    *reinterpret_cast<uint4*>(&tile[r][c * 8]) = x;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < D * (kPfKeys / 8); i += kThreads) {
+    const int d = i / (kPfKeys / 8), c = i % (kPfKeys / 8);
+    __align__(16) __half out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) out[e] = tile[c * 8 + e][d];
+    *reinterpret_cast<uint4*>(vt + (bg * D + d) * Tpad + j0 + c * 8) = *reinterpret_cast<const uint4*>(out);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams p, const float* colsum, int64_t T, const __half* vt_all, int64_t Tpad) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  Sm90Smem<D>& sm = *reinterpret_cast<Sm90Smem<D>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  constexpr int NA = D / 2, kWgRows = 64;  // accumulator floats per thread: 64 rows × D over 128 threads
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kRows;  // causal: the longest rows start first
+  const int64_t h = blockIdx.y, b = blockIdx.z, g = h / (p.Hq / p.Hkv), bg = b * p.Hkv + g;
+  // wg through a shuffle: the compiler then knows it (and what follows from it) is warp-uniform,
+  // else it serializes the wgmmas under every branch on it.
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x >> 7), 0), warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const KvGeom geo = GetGeom(p, b);
+  const float scale = p.scale;
+  const int64_t wq0 = q0 + wg * kWgRows;  // the warpgroup's first row
+
+  // this thread's two rows (r = 0: lane/4, r = 1: lane/4 + 8 of its warp's 16)
+  int64_t row[2], end[2];
+  RowRule rule[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row[r] = wq0 + warp * 16 + (lane >> 2) + 8 * r;
+    end[r] = row[r] < p.S ? RowEnd(p, geo, row[r]) : 0;
+    rule[r] = GetRule(p, h, end[r]);
+  }
+  const bool warp_live = wq0 + warp * 16 < p.S;
+  const int64_t warp_see = warp_live ? RowEnd(p, geo, wq0 + warp * 16) : 0;  // keys every row of the warp sees
+  const int wg_tiles = wq0 < p.S ? int((RowEnd(p, geo, min(p.S, wq0 + kWgRows) - 1) + kPfKeys - 1) / kPfKeys) : 0;
+  const int tiles = int((RowEnd(p, geo, min(p.S, q0 + kRows) - 1) + kPfKeys - 1) / kPfKeys);
+  const int full_tiles = int(RowEnd(p, geo, q0) / kPfKeys);  // tiles [0, full_tiles): every row sees them whole
+
+  // K tile t: rows run contiguously in the past buffer, then in the new input; a tile wholly in
+  // one of them (all but ≤ 2) is one base pointer.
+  constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks;
+  const int copy_row = threadIdx.x / kChunks, copy_chunk = threadIdx.x % kChunks;
+  const __half* k_any = static_cast<const __half*>(p.k_new) + bg * p.Skv * D;
+  auto copy_k = [&](__half* dst, int t) {
+    const int64_t j0 = int64_t(t) * kPfKeys;
+    const __half* base = nullptr;
+    if (j0 + kPfKeys <= geo.past_rows) base = static_cast<const __half*>(p.past_key) + (bg * geo.past_len + j0) * D;
+    else if (j0 >= geo.past_rows && j0 + kPfKeys <= geo.valid_end) base = static_cast<const __half*>(p.k_new) + (bg * p.Skv + j0 - geo.past_rows) * D;
+#pragma unroll
+    for (int i = 0; i < kPfKeys / kRowStep; ++i) {
+      const int r = copy_row + i * kRowStep;
+      const bool ok = base || j0 + r < geo.valid_end;
+      const __half* src = base ? base + r * D : ok ? KvRow<__half>(p.past_key, p.k_new, p, geo, b, g, j0 + r, D) : k_any;
+      CpAsync16(dst + Swz<kPfKeys>(r, copy_chunk * 8), src + copy_chunk * 8, ok);
+    }
+  };
+  auto copy_vt = [&](__half* dst, int t) {
+    const __half* base = vt_all + bg * D * Tpad + int64_t(t) * kPfKeys;
+#pragma unroll
+    for (int i = 0; i < D * 8 / kThreads; ++i) {
+      const int x = threadIdx.x + i * kThreads, d = x >> 3, c = x & 7;
+      CpAsync16(dst + Swz<D>(d, c * 8), base + d * Tpad + c * 8, true);
+    }
+  };
+  auto copy = [&](int t) {  // always a group, empty past the last tile, so that the wait counts hold
+    if (t < tiles) copy_k(sm.k[t % kStages], t), copy_vt(sm.vt[t % kStages], t);
+    CpAsyncCommit();
+  };
+
+  // Q (zeros past S) with tile 0, then tiles 1 .. kStages - 3, a group each
+  const __half* q_bh = static_cast<const __half*>(p.q) + (b * p.Hq + h) * p.S * D;
+  for (int x = threadIdx.x; x < kRows * kChunks; x += kThreads) {
+    const int r = x / kChunks, c = x % kChunks;
+    CpAsync16(sm.q + Swz<kRows>(r, c * 8), (q0 + r < p.S ? q_bh + (q0 + r) * D : q_bh) + c * 8, q0 + r < p.S);
+  }
+  for (int t = 0; t < kStages - 2; ++t) copy(t);
+
+  const float sl2 = scale * kLog2e;  // e = 2^(s·sl2 − max·sl2), s = q·k unscaled (scale > 0)
+  auto tile_max = [&](const float (&s)[32], int r) {  // over the quad that holds the row
+    float m = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) m = fmaxf(m, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+  };
+  float keep_above[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) keep_above[r] = rule[r].dense ? -INFINITY : rule[r].theta / scale;  // a = scale·s > θ
+
+  // Descriptors: a base each, plus constant offsets (16-byte units) for the stage and the k step.
+  const uint64_t desc_q = Desc(sm.q + wg * kWgRows * 64), desc_k = Desc(sm.k[0]), desc_v = Desc(sm.vt[0]);
+  // S (the warpgroup's 64 rows × tile t, unscaled) = Q · Kᵀ, issued (not waited for)
+  auto issue_qk = [&](int t, float (&s)[32]) {
+    const uint64_t dk = desc_k + uint64_t(t % kStages) * (kPfKeys * D * 2 / 16);
+    WgFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaSS(s, desc_q + ((kk >> 2) * kRows * 128 + (kk & 3) * 32) / 16, dk + ((kk >> 2) * kPfKeys * 128 + (kk & 3) * 32) / 16, kk > 0);
+    WgCommit();
+  };
+
+  float acc[NA], mx[2] = {-INFINITY, -INFINITY}, z[2] = {0.f, 0.f}, kept_e[2] = {0.f, 0.f};
+  int kept_n[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < NA; ++i) acc[i] = 0.f;
+  // Tile t, its S in s (complete), part 1: hide the keys rows do not see, the online max (acc and
+  // the sums rescaled against the old one) and the tile max; before Q·Kᵀ(t + 1) is issued, as
+  // rewriting acc while a wgmma is in flight would serialize the warpgroup's wgmmas.
+  float mo[2], tmax[2];
+  auto online_max = [&](int t, float (&s)[32]) {
+    const int64_t j0 = int64_t(t) * kPfKeys;
+    if (j0 + kPfKeys > warp_see) {  // -inf where a row does not see the key
+      const int lim[2] = {int(max(int64_t(0), min(int64_t(kPfKeys), end[0] - j0))), int(max(int64_t(0), min(int64_t(kPfKeys), end[1] - j0)))};
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int x = 0; x < 4; ++x)
+          if (nt * 8 + 2 * (lane & 3) + (x & 1) >= lim[x >> 1]) s[nt * 4 + x] = -INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tmax[r] = tile_max(s, r);
+      const float nm = fmaxf(mx[r], tmax[r]);
+      if (nm > mx[r]) {
+        const float f = Exp2((mx[r] - nm) * sl2);  // 0 while mx is -inf: nothing summed yet
+        z[r] *= f;
+        kept_e[r] *= f;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) acc[nd * 4 + 2 * r] *= f, acc[nd * 4 + 2 * r + 1] *= f;
+        mx[r] = nm;
+      }
+      mo[r] = mx[r] == -INFINITY ? 0.f : mx[r] * sl2;
+    }
+  };
+  // Part 2: Z's terms, the keep decisions, P and P·V (issued; a group committed either way). One
+  // exp per score. Three warp-uniform paths: every row of the warp keeps every visible key (dense,
+  // or θ = -inf: P = e, and the kept sums are Z and n, filled in at the end), some row keeps a key
+  // of the tile, or none does (Z alone).
+  const bool keep_all[2] = {keep_above[0] == -INFINITY, keep_above[1] == -INFINITY};
+  const bool dense_warp = __all_sync(0xffffffffu, keep_all[0] && keep_all[1]);
+  auto softmax_pv = [&](int t, float (&s)[32]) {
+    // A row keeps a key of the tile iff it keeps the tile's largest (the rule is monotone in s).
+    const bool warp_any = __any_sync(0xffffffffu, tmax[0] > keep_above[0] || tmax[1] > keep_above[1]);
+    unsigned pa[4][4];
+    if (dense_warp) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        float w[4];
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          w[x] = Exp2(fmaf(s[nt * 4 + x], sl2, -mo[x >> 1]));  // 0 where not visible
+          z[x >> 1] += w[x];
+        }
+        PackA(pa, nt, w);
+      }
+    } else if (warp_any) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        float w[4];
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int r = x >> 1;
+          const bool k = s[nt * 4 + x] > keep_above[r];
+          const float e = Exp2(fmaf(s[nt * 4 + x], sl2, -mo[r]));
+          z[r] += e;
+          w[x] = k ? e : 0.f;
+          kept_e[r] += w[x];
+          kept_n[r] += k;
+        }
+        PackA(pa, nt, w);
+      }
+    } else {
+#pragma unroll
+      for (int x = 0; x < 32; ++x) z[(x >> 1) & 1] += Exp2(fmaf(s[x], sl2, -mo[(x >> 1) & 1]));
+#pragma unroll
+      for (int i = 0; i < 16; ++i) pa[i >> 2][i & 3] = 0u;
+    }
+    if (!WgAny(warp_any, wg)) {  // no row of the warpgroup keeps a key here: no P·V
+      WgCommit();  // an empty group: the waits count alike either way (a branch on it serializes the wgmmas)
+      return;
+    }
+    const uint64_t dv = desc_v + uint64_t(t % kStages) * (D * kPfKeys * 2 / 16);
+    WgFence();
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) WgmmaPV<D>(acc, pa[kc], dv + kc * 2);
+    WgCommit();
+  };
+
+  // The pipeline, per warpgroup: tile t + 1's Q·Kᵀ runs on the tensor cores while tile t's
+  // exps run on the ALUs; P·V(t) runs on while the next iteration's barrier and copies issue.
+  // Stage reuse: tile t + kStages - 2 is copied into tile t - 2's stage, whose readers (Q·Kᵀ and
+  // P·V of t - 2) every warpgroup waited for before this iteration's barrier.
+  float s0[32], s1[32];
+  CpAsyncWait<kStages - 3>();  // Q and tile 0
+  FenceProxyAsync();
+  __syncthreads();
+  if (wg_tiles > 0) {
+    issue_qk(0, s0);
+    WgWait<0>();
+    FenceRegs(s0);
+  }
+  auto step = [&](int t, float (&cur)[32], float (&nxt)[32]) {
+    CpAsyncWait<kStages - 4>();  // tile t + 1 is in
+    FenceProxyAsync();
+    __syncthreads();
+    copy(t + kStages - 2);
+    if (t >= wg_tiles) return;  // no row of the warpgroup sees the tile (nor a later one)
+    WgWait<0>();  // P·V(t − 1)
+    FenceRegs(acc);
+    online_max(t, cur);
+    FenceRegs(acc);
+    if (t + 1 < wg_tiles) issue_qk(t + 1, nxt);
+    softmax_pv(t, cur);
+    // Q·Kᵀ(t + 1) is done (P·V(t) may run on). Unconditional: under a branch ptxas serializes the
+    // wgmmas.
+    WgWait<1>();
+    FenceRegs(nxt);
+  };
+  for (int t = 0; t < tiles; t += 2) {  // unrolled by two: S alternates between s0 and s1
+    step(t, s0, s1);
+    if (t + 1 < tiles) step(t + 1, s1, s0);
+  }
+  WgWait<0>();
+  FenceRegs(acc);
+  CpAsyncWait<0>();
+  __syncthreads();
+
+  const bool vbar = colsum != nullptr;  // v̄ has weight somewhere
+  if (vbar)  // the column sums of the whole tiles
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      const float* cs = colsum + bg * T * D + d;
+      float sum = 0.f;
+#pragma unroll 4
+      for (int t = 0; t < min(int64_t(full_tiles), T); ++t) sum += cs[t * D];
+      sm.vcol[d] = sum;
+    }
+  // v̄'s numerator of the tiles some rows see in part: Vᵀ once more, times the 0/1 visibility
+  float vis[NA];
+#pragma unroll
+  for (int i = 0; i < NA; ++i) vis[i] = 0.f;
+  if (vbar)
+    for (int t = full_tiles; t < tiles; ++t) {
+      copy_vt(sm.vt[0], t);
+      CpAsyncCommit();
+      CpAsyncWait<0>();
+      FenceProxyAsync();
+      __syncthreads();
+      if (t < wg_tiles) {
+        unsigned va[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          float o[4];
+#pragma unroll
+          for (int x = 0; x < 4; ++x) o[x] = int64_t(t) * kPfKeys + nt * 8 + 2 * (lane & 3) + (x & 1) < end[x >> 1] ? 1.f : 0.f;
+          PackA(va, nt, o);
+        }
+        WgFence();
+#pragma unroll
+        for (int kc = 0; kc < 4; ++kc) WgmmaPV<D>(vis, va[kc], desc_v + kc * 2);
+        WgCommit();
+        WgWait<0>();
+        FenceRegs(vis);
+      }
+      __syncthreads();
+    }
+  __syncthreads();  // vcol complete
+
+  // Y
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float ke = kept_e[r], zz = z[r];
+    int kn = kept_n[r];
+#pragma unroll
+    for (int o = 1; o <= 2; o <<= 1) {
+      ke += __shfl_xor_sync(0xffffffffu, ke, o);
+      kn += __shfl_xor_sync(0xffffffffu, kn, o);
+      zz += __shfl_xor_sync(0xffffffffu, zz, o);
+    }
+    if (row[r] >= p.S) continue;
+    if (dense_warp) ke = zz, kn = int(end[r]);  // every visible key kept (not summed in the loop)
+    const OutWeights ow = RowWeights(p, rule[r], end[r], kn, mx[r] * scale, false, zz, ke, fmaxf(zz - ke, 0.f));
+    __half* y = static_cast<__half*>(p.y) + ((b * p.Hq + h) * p.S + row[r]) * D;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int d = nd * 8 + 2 * (lane & 3);
+      float out[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float vsum = vbar ? sm.vcol[d + e] + vis[nd * 4 + 2 * r + e] : 0.f;
+        out[e] = ow.zero ? 0.f : ow.wa * acc[nd * 4 + 2 * r + e] + (ow.wv != 0.f ? ow.wv * vsum : 0.f);
+      }
+      *reinterpret_cast<__half2*>(y + d) = __floats2half2_rn(out[0], out[1]);
+    }
+  }
+#else
+  __trap();  // not built for sm_90a: PrefillSm90Available never picks this
+#endif
+}
+
+template <int D>
+cudaError_t LaunchD(const TopThetaParams& p, const float* colsum, int64_t T, __half* vt, cudaStream_t stream) {
+  const int64_t Tpad = T * kPfKeys;
+  if (T > 0) {
+    TransposeVKernel<D><<<dim3(unsigned(T), unsigned(p.B * p.Hkv)), kThreads, 0, stream>>>(p, vt, Tpad);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  const int smem = int(sizeof(Sm90Smem<D>)) + 1024;  // + the alignment to 1024
+  static bool attr_set = false;
+  if (!attr_set) {
+    const cudaError_t e = cudaFuncSetAttribute(PrefillSm90Kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    attr_set = true;
+  }
+  const dim3 grid(unsigned((p.S + kRows - 1) / kRows), unsigned(p.Hq), unsigned(p.B));
+  PrefillSm90Kernel<D><<<grid, kThreads, smem, stream>>>(p, colsum, T, vt, Tpad);
+  return cudaGetLastError();
+}
+
+// The device is sm_90 and runs this file's sm_90a code (not a JIT of the portable PTX).
+bool DeviceRunsSm90a() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  cudaFuncAttributes fa{};
+  return major == 9 && cudaFuncGetAttributes(&fa, PrefillSm90Kernel<128>) == cudaSuccess && fa.binaryVersion == 90;
+}
+
+}  // namespace
+
+bool PrefillSm90Available() {
+  static const bool off = [] { const char* e = std::getenv("TOPT_CUDA_PREFILL_SM90"); return e && std::strcmp(e, "0") == 0; }();
+  if (off) return false;
+  static int cached[64];  // per device: 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) cached[dev] = DeviceRunsSm90a() ? 1 : 2;
+  return cached[dev] == 1;
+}
+
+int64_t PrefillSm90VtBytes(const TopThetaParams& p, int64_t T) { return p.B * p.Hkv * p.Dv * T * kPfKeys * int64_t(sizeof(__half)); }
+
+cudaError_t LaunchPrefillSm90(const TopThetaParams& p, const float* colsum, int64_t T, void* vt, cudaStream_t stream) {
+  __half* v = static_cast<__half*>(vt);
+  return p.Dh == 64 ? LaunchD<64>(p, colsum, T, v, stream) : LaunchD<128>(p, colsum, T, v, stream);
+}
+
+}  // namespace cuda_detail
+}  // namespace topt
