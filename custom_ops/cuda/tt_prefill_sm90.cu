@@ -8,7 +8,11 @@
 //   per (b, g) into the workspace first (TransposeVKernel: one read and one write of V);
 // - the P·V of a tile is skipped when no row of the warpgroup keeps a key in it (the skip unit is
 //   64 rows × 64 keys, the warpgroup's: wgmma is issued by all four warps together);
-// - K and Vᵀ tiles come through a 3-stage cp.async ring in the 128-byte swizzle wgmma reads.
+// - K and Vᵀ tiles come through a 4-stage cp.async ring in the 128-byte swizzle wgmma reads,
+//   completing on mbarriers; the two warpgroups alternate their wgmma issue (FlashAttention-3's
+//   ping-pong), each overlapping tile t + 1's softmax with its P·V(t);
+// - the running max moves only when a tile passes it by 2^8 in e (FlashAttention-4's lazy
+//   rescale), so O is rarely rescaled.
 // Chosen at launch where the device is sm_90 and this file's sm_90a code is the binary that runs
 // (PrefillSm90Available); TOPT_CUDA_PREFILL_SM90=0 turns it off.
 #include <cuda_fp16.h>
@@ -23,8 +27,8 @@ namespace topt {
 namespace cuda_detail {
 namespace {
 
-// kStages: tile t + 3 is copied while tile t is computed and t + 1's Q·Kᵀ runs (5 × 32 KB at Dh 128).
-constexpr int kRows = 128, kThreads = 256, kStages = 5;  // rows: two warpgroups of 64
+// kStages: tile t + 2 is copied while tile t is computed and t + 1's Q·Kᵀ runs (4 × 32 KB at Dh 128).
+constexpr int kRows = 128, kThreads = 256, kStages = 4;  // rows: two warpgroups of 64
 
 // Tiles in shared memory, K-major with the 128-byte swizzle: a block holds rows of 64 halves (128
 // bytes), the 16-byte chunk c of row r at chunk position c ^ (r % 8); Dh = 128 is two blocks of
@@ -35,6 +39,8 @@ struct Sm90Smem {
   __half k[kStages][kPfKeys * D];   // [D / 64 blocks][64 keys][64]
   __half vt[kStages][D * kPfKeys];  // [D rows][64 keys]
   float vcol[D];
+  float vpart[kThreads];   // v̄'s numerator over the whole tiles: kThreads / D partial sums per column
+  uint64_t full[kStages];  // tile arrived: every thread's cp.async of it complete (256 arrivals)
 };
 
 // The device helpers exist in the sm_90a pass only (the other passes compile the kernel empty).
@@ -63,6 +69,22 @@ __device__ __forceinline__ void FenceRegs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count) : "memory");
+}
+// One arrival on bar once this thread's earlier cp.async are complete.
+__device__ __forceinline__ void CpAsyncArrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
+  asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
+               ::"r"(SmemAddr(bar)), "r"(parity) : "memory");
+}
+// Named barriers 3 and 4 order the two warpgroups' wgmma issue (FlashAttention-3's ping-pong): a
+// warpgroup syncs on its own before issuing and arrives on the other's after, so one warpgroup's
+// softmax runs while the other's wgmmas do.
+__device__ __forceinline__ void PingPongSync(int wg) { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); }
+__device__ __forceinline__ void PingPongArrive(int wg) { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); }
 // OR of v over the warpgroup's 128 threads (named barrier 1 + wg).
 __device__ __forceinline__ bool WgAny(bool v, int wg) {
   unsigned r;
@@ -155,37 +177,59 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   const int full_tiles = int(RowEnd(p, geo, q0) / kPfKeys);  // tiles [0, full_tiles): every row sees them whole
 
   // K tile t: rows run contiguously in the past buffer, then in the new input; a tile wholly in
-  // one of them (all but ≤ 2) is one base pointer.
+  // one of them (all but ≤ 2) is one base pointer plus this thread's offsets, fixed from here.
   constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks;
   const int copy_row = threadIdx.x / kChunks, copy_chunk = threadIdx.x % kChunks;
+  const int64_t lane_off = int64_t(copy_row) * D + copy_chunk * 8;
+  const __half* k_past = static_cast<const __half*>(p.past_key) + bg * geo.past_len * D + lane_off;        // + j0·D
+  const __half* k_new = static_cast<const __half*>(p.k_new) + (bg * p.Skv - geo.past_rows) * D + lane_off;  // + j0·D
   const __half* k_any = static_cast<const __half*>(p.k_new) + bg * p.Skv * D;
-  auto copy_k = [&](__half* dst, int t) {
+  unsigned k_dst[kPfKeys / kRowStep];  // this thread's swizzled offsets (bytes) in a K stage
+#pragma unroll
+  for (int i = 0; i < kPfKeys / kRowStep; ++i) k_dst[i] = 2u * unsigned(Swz<kPfKeys>(copy_row + i * kRowStep, copy_chunk * 8));
+  auto copy_k = [&](const __half* dst, int t) {
     const int64_t j0 = int64_t(t) * kPfKeys;
-    const __half* base = nullptr;
-    if (j0 + kPfKeys <= geo.past_rows) base = static_cast<const __half*>(p.past_key) + (bg * geo.past_len + j0) * D;
-    else if (j0 >= geo.past_rows && j0 + kPfKeys <= geo.valid_end) base = static_cast<const __half*>(p.k_new) + (bg * p.Skv + j0 - geo.past_rows) * D;
+    const unsigned d0 = SmemAddr(dst);
+    if (j0 + kPfKeys <= geo.past_rows || (j0 >= geo.past_rows && j0 + kPfKeys <= geo.valid_end)) {
+      const __half* base = (j0 < geo.past_rows ? k_past : k_new) + j0 * D;
+#pragma unroll
+      for (int i = 0; i < kPfKeys / kRowStep; ++i) CpAsync16(d0 + k_dst[i], base + i * kRowStep * D);
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < kPfKeys / kRowStep; ++i) {
       const int r = copy_row + i * kRowStep;
-      const bool ok = base || j0 + r < geo.valid_end;
-      const __half* src = base ? base + r * D : ok ? KvRow<__half>(p.past_key, p.k_new, p, geo, b, g, j0 + r, D) : k_any;
-      CpAsync16(dst + Swz<kPfKeys>(r, copy_chunk * 8), src + copy_chunk * 8, ok);
+      const bool ok = j0 + r < geo.valid_end;
+      const __half* src = ok ? KvRow<__half>(p.past_key, p.k_new, p, geo, b, g, j0 + r, D) : k_any;
+      CpAsync16(const_cast<__half*>(dst) + k_dst[i] / 2, src + copy_chunk * 8, ok);
     }
   };
-  auto copy_vt = [&](__half* dst, int t) {
-    const __half* base = vt_all + bg * D * Tpad + int64_t(t) * kPfKeys;
+  // Vᵀ tile t: D rows of 64 keys, Tpad apart; this thread's rows and offsets fixed from here.
+  constexpr int kVtPer = D * 8 / kThreads;
+  const __half* vt_lane = vt_all + bg * D * Tpad + int64_t(threadIdx.x >> 3) * Tpad + (threadIdx.x & 7) * 8;  // + t·64
+  unsigned vt_dst[kVtPer];
 #pragma unroll
-    for (int i = 0; i < D * 8 / kThreads; ++i) {
-      const int x = threadIdx.x + i * kThreads, d = x >> 3, c = x & 7;
-      CpAsync16(dst + Swz<D>(d, c * 8), base + d * Tpad + c * 8, true);
-    }
+  for (int i = 0; i < kVtPer; ++i) vt_dst[i] = 2u * unsigned(Swz<D>((threadIdx.x >> 3) + i * (kThreads / 8), (threadIdx.x & 7) * 8));
+  auto copy_vt = [&](const __half* dst, int t) {
+    const unsigned d0 = SmemAddr(dst);
+    const __half* base = vt_lane + int64_t(t) * kPfKeys;
+#pragma unroll
+    for (int i = 0; i < kVtPer; ++i) CpAsync16(d0 + vt_dst[i], base + int64_t(i) * (kThreads / 8) * Tpad);
   };
-  auto copy = [&](int t) {  // always a group, empty past the last tile, so that the wait counts hold
-    if (t < tiles) copy_k(sm.k[t % kStages], t), copy_vt(sm.vt[t % kStages], t);
+  auto copy = [&](int t) {  // every thread copies its share and arrives on the stage's barrier
+    if (t >= tiles) return;
+    copy_k(sm.k[t % kStages], t), copy_vt(sm.vt[t % kStages], t);
     CpAsyncCommit();
+    CpAsyncArrive(&sm.full[t % kStages]);
+  };
+  auto wait_tile = [&](int t) {  // tile t in shared memory, visible to wgmma
+    MbarWait(&sm.full[t % kStages], unsigned(t / kStages) & 1u);
+    FenceProxyAsync();
   };
 
-  // Q (zeros past S) with tile 0, then tiles 1 .. kStages - 3, a group each
+  if (threadIdx.x < kStages) MbarInit(&sm.full[threadIdx.x], kThreads);
+  __syncthreads();
+  // Q (zeros past S) with tile 0, then tiles 1 .. kStages - 3
   const __half* q_bh = static_cast<const __half*>(p.q) + (b * p.Hq + h) * p.S * D;
   for (int x = threadIdx.x; x < kRows * kChunks; x += kThreads) {
     const int r = x / kChunks, c = x % kChunks;
@@ -221,54 +265,44 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   int kept_n[2] = {0, 0};
 #pragma unroll
   for (int i = 0; i < NA; ++i) acc[i] = 0.f;
-  // Tile t, its S in s (complete), part 1: hide the keys rows do not see, the online max (acc and
-  // the sums rescaled against the old one) and the tile max; before Q·Kᵀ(t + 1) is issued, as
-  // rewriting acc while a wgmma is in flight would serialize the warpgroup's wgmmas.
-  float mo[2], tmax[2];
-  auto online_max = [&](int t, float (&s)[32]) {
-    const int64_t j0 = int64_t(t) * kPfKeys;
-    if (j0 + kPfKeys > warp_see) {  // -inf where a row does not see the key
-      const int lim[2] = {int(max(int64_t(0), min(int64_t(kPfKeys), end[0] - j0))), int(max(int64_t(0), min(int64_t(kPfKeys), end[1] - j0)))};
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int x = 0; x < 4; ++x)
-          if (nt * 8 + 2 * (lane & 3) + (x & 1) >= lim[x >> 1]) s[nt * 4 + x] = -INFINITY;
-    }
+  // Tile t's softmax, its S in s (complete): hide the keys rows do not see; the online max (Z and
+  // the kept sum rescaled now, O's factor `fac` kept for later: P·V(t − 1) may still be adding into
+  // O); one exp per score; the keep decisions and P(t) into pa. Three warp-uniform paths: every
+  // row of the warp keeps every visible key (dense, or θ = -inf: P = e, and the kept sums are Z
+  // and n, filled in at the end), some row keeps a key of the tile, or none does (Z alone).
+  // Returns whether any row of the warpgroup keeps a key of the tile (else P·V(t) is skipped).
+  const bool keep_all[2] = {keep_above[0] == -INFINITY, keep_above[1] == -INFINITY};
+  const bool dense_warp = __all_sync(0xffffffffu, keep_all[0] && keep_all[1]);
+  float fac[2] = {1.f, 1.f};
+  // The running max is a reference, moved only when a tile's max passes it by more than 2^8 in e
+  // (FlashAttention-4's lazy rescale): e ≤ 256 meanwhile, P in fp16 and Z in fp32 hold it, and O
+  // is rescaled only on the rare moves.
+  const float slack = 8.f / sl2;
+  auto softmax_of = [&](const float (&s)[32], unsigned (&pa)[4][4]) {
+    float mo[2], tmax[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tmax[r] = tile_max(s, r);
       const float nm = fmaxf(mx[r], tmax[r]);
-      if (nm > mx[r]) {
-        const float f = Exp2((mx[r] - nm) * sl2);  // 0 while mx is -inf: nothing summed yet
-        z[r] *= f;
-        kept_e[r] *= f;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd) acc[nd * 4 + 2 * r] *= f, acc[nd * 4 + 2 * r + 1] *= f;
+      fac[r] = 1.f;
+      if (nm > mx[r] + slack) {  // mx = -inf: the first visible tile
+        fac[r] = Exp2((mx[r] - nm) * sl2);  // 0 while mx is -inf: nothing summed yet
+        z[r] *= fac[r];
+        kept_e[r] *= fac[r];
         mx[r] = nm;
       }
       mo[r] = mx[r] == -INFINITY ? 0.f : mx[r] * sl2;
     }
-  };
-  // Part 2: Z's terms, the keep decisions, P and P·V (issued; a group committed either way). One
-  // exp per score. Three warp-uniform paths: every row of the warp keeps every visible key (dense,
-  // or θ = -inf: P = e, and the kept sums are Z and n, filled in at the end), some row keeps a key
-  // of the tile, or none does (Z alone).
-  const bool keep_all[2] = {keep_above[0] == -INFINITY, keep_above[1] == -INFINITY};
-  const bool dense_warp = __all_sync(0xffffffffu, keep_all[0] && keep_all[1]);
-  auto softmax_pv = [&](int t, float (&s)[32]) {
     // A row keeps a key of the tile iff it keeps the tile's largest (the rule is monotone in s).
     const bool warp_any = __any_sync(0xffffffffu, tmax[0] > keep_above[0] || tmax[1] > keep_above[1]);
-    unsigned pa[4][4];
     if (dense_warp) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         float w[4];
 #pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          w[x] = Exp2(fmaf(s[nt * 4 + x], sl2, -mo[x >> 1]));  // 0 where not visible
-          z[x >> 1] += w[x];
-        }
+        for (int x = 0; x < 4; ++x) w[x] = Exp2(fmaf(s[nt * 4 + x], sl2, -mo[x >> 1]));  // 0 where not visible
+        z[0] += w[0] + w[1];
+        z[1] += w[2] + w[3];
         PackA(pa, nt, w);
       }
     } else if (warp_any) {
@@ -288,70 +322,111 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
         PackA(pa, nt, w);
       }
     } else {
+      float e[32];
 #pragma unroll
-      for (int x = 0; x < 32; ++x) z[(x >> 1) & 1] += Exp2(fmaf(s[x], sl2, -mo[(x >> 1) & 1]));
+      for (int x = 0; x < 32; ++x) e[x] = Exp2(fmaf(s[x], sl2, -mo[(x >> 1) & 1]));
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) z[0] += (e[nt * 4] + e[nt * 4 + 1]), z[1] += (e[nt * 4 + 2] + e[nt * 4 + 3]);
 #pragma unroll
       for (int i = 0; i < 16; ++i) pa[i >> 2][i & 3] = 0u;
     }
-    if (!WgAny(warp_any, wg)) {  // no row of the warpgroup keeps a key here: no P·V
-      WgCommit();  // an empty group: the waits count alike either way (a branch on it serializes the wgmmas)
-      return;
-    }
-    const uint64_t dv = desc_v + uint64_t(t % kStages) * (D * kPfKeys * 2 / 16);
-    WgFence();
+    return WgAny(warp_any, wg);
+  };
+  auto softmax = [&](int t, const float (&acc_s)[32], unsigned (&pa)[4][4]) {
+    const int64_t j0 = int64_t(t) * kPfKeys;
+    if (j0 + kPfKeys <= warp_see) return softmax_of(acc_s, pa);  // every row of the warp sees the tile whole
+    // -inf where a row does not see the key, in a copy: writing the wgmma's accumulator registers
+    // while P·V(t − 1) runs would serialize the wgmmas
+    float s[32];
+    const int lim[2] = {int(max(int64_t(0), min(int64_t(kPfKeys), end[0] - j0))), int(max(int64_t(0), min(int64_t(kPfKeys), end[1] - j0)))};
 #pragma unroll
-    for (int kc = 0; kc < 4; ++kc) WgmmaPV<D>(acc, pa[kc], dv + kc * 2);
-    WgCommit();
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) s[nt * 4 + x] = nt * 8 + 2 * (lane & 3) + (x & 1) >= lim[x >> 1] ? -INFINITY : acc_s[nt * 4 + x];
+    return softmax_of(s, pa);
   };
 
-  // The pipeline, per warpgroup: tile t + 1's Q·Kᵀ runs on the tensor cores while tile t's
-  // exps run on the ALUs; P·V(t) runs on while the next iteration's barrier and copies issue.
-  // Stage reuse: tile t + kStages - 2 is copied into tile t - 2's stage, whose readers (Q·Kᵀ and
-  // P·V of t - 2) every warpgroup waited for before this iteration's barrier.
-  float s0[32], s1[32];
-  CpAsyncWait<kStages - 3>();  // Q and tile 0
-  FenceProxyAsync();
-  __syncthreads();
+  const bool vbar = colsum != nullptr;  // v̄ has weight somewhere
+  if (vbar) {  // the column sums of the whole tiles, loaded while the first tiles arrive
+    constexpr int kParts = kThreads / D;
+    const int d = threadIdx.x % D, part = threadIdx.x / D, n = int(min(int64_t(full_tiles), T));
+    const float* cs = colsum + bg * T * D + d;
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    int t = part;
+    for (; t + 3 * kParts < n; t += 4 * kParts)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] += cs[(t + i * kParts) * D];
+    for (; t < n; t += kParts) a[0] += cs[t * D];
+    sm.vpart[threadIdx.x] = (a[0] + a[1]) + (a[2] + a[3]);
+  }
+
+  // The pipeline, as FlashAttention-3's: per warpgroup, with P(t) ready, issue Q·Kᵀ(t + 1) and
+  // P·V(t) back to back, wait for Q·Kᵀ(t + 1), run tile t + 1's softmax while P·V(t) runs, then
+  // rescale O if the max moved; between the two warpgroups, the ping-pong barriers alternate the
+  // wgmma issue, so that one's softmax runs while the other's wgmmas do. P alternates between two
+  // register sets (a wgmma reads its A registers until it completes). Tiles arrive on the stages'
+  // mbarriers (no CTA-wide barrier in the loop: it would undo the ping-pong). Stage reuse: tile
+  // t + kStages - 2 is copied into tile t - 2's stage after the ping-pong sync of iteration t,
+  // which comes after the other warpgroup began its iteration t - 1, so both finished their
+  // P·V(t - 2). Both warpgroups run every iteration (a finished one only keeps the alternation
+  // and the copies).
+  float s[32];
+  unsigned pa0[4][4], pa1[4][4];
+  bool pv = false;  // P(t) keeps something in the warpgroup: issue P·V(t)
   if (wg_tiles > 0) {
-    issue_qk(0, s0);
+    wait_tile(0);
+    issue_qk(0, s);
     WgWait<0>();
-    FenceRegs(s0);
+    FenceRegs(s);
+    pv = softmax(0, s, pa0);
+    fac[0] = fac[1] = 1.f;  // O is still zero
   }
-  auto step = [&](int t, float (&cur)[32], float (&nxt)[32]) {
-    CpAsyncWait<kStages - 4>();  // tile t + 1 is in
-    FenceProxyAsync();
-    __syncthreads();
+  if (wg == 1) PingPongArrive(wg);  // warpgroup 0 issues first
+  auto step = [&](int t, unsigned (&pa)[4][4], unsigned (&pa_next)[4][4]) {
+    const bool live = t < wg_tiles, next = t + 1 < wg_tiles;
+    if (next) wait_tile(t + 1);
+    PingPongSync(wg);
+    if (next) issue_qk(t + 1, s);
+    if (live && pv) {
+      const uint64_t dv = desc_v + uint64_t(t % kStages) * (D * kPfKeys * 2 / 16);
+      WgFence();
+#pragma unroll
+      for (int kc = 0; kc < 4; ++kc) WgmmaPV<D>(acc, pa[kc], dv + kc * 2);
+    }
+    // Commits and waits unconditional (a group may be empty; nothing may be pending): under a
+    // branch ptxas serializes every wgmma.
+    WgCommit();
+    PingPongArrive(wg);
     copy(t + kStages - 2);
-    if (t >= wg_tiles) return;  // no row of the warpgroup sees the tile (nor a later one)
-    WgWait<0>();  // P·V(t − 1)
-    FenceRegs(acc);
-    online_max(t, cur);
-    FenceRegs(acc);
-    if (t + 1 < wg_tiles) issue_qk(t + 1, nxt);
-    softmax_pv(t, cur);
-    // Q·Kᵀ(t + 1) is done (P·V(t) may run on). Unconditional: under a branch ptxas serializes the
-    // wgmmas.
-    WgWait<1>();
-    FenceRegs(nxt);
+    WgWait<1>();  // Q·Kᵀ(t + 1) (P·V(t) runs on)
+    FenceRegs(s);
+    if (next) pv = softmax(t + 1, s, pa_next);
+    WgWait<0>();  // P·V(t)
+    // O's rescale by tile t + 1's factor, on the rare moves of the max; here, with no wgmma in
+    // flight (a branch on it before an issue serializes the wgmmas)
+    if (__any_sync(0xffffffffu, fac[0] != 1.f || fac[1] != 1.f)) {
+      FenceRegs(acc);
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) acc[nd * 4] *= fac[0], acc[nd * 4 + 1] *= fac[0], acc[nd * 4 + 2] *= fac[1], acc[nd * 4 + 3] *= fac[1];
+      FenceRegs(acc);
+      fac[0] = fac[1] = 1.f;
+    }
   };
-  for (int t = 0; t < tiles; t += 2) {  // unrolled by two: S alternates between s0 and s1
-    step(t, s0, s1);
-    if (t + 1 < tiles) step(t + 1, s1, s0);
+  for (int t = 0; t < tiles; t += 2) {  // unrolled by two: P alternates between pa0 and pa1
+    step(t, pa0, pa1);
+    if (t + 1 < tiles) step(t + 1, pa1, pa0);
   }
-  WgWait<0>();
+  if (wg == 0) PingPongSync(wg);  // warpgroup 1's last arrival
   FenceRegs(acc);
   CpAsyncWait<0>();
   __syncthreads();
 
-  const bool vbar = colsum != nullptr;  // v̄ has weight somewhere
-  if (vbar)  // the column sums of the whole tiles
-    for (int d = threadIdx.x; d < D; d += kThreads) {
-      const float* cs = colsum + bg * T * D + d;
-      float sum = 0.f;
-#pragma unroll 4
-      for (int t = 0; t < min(int64_t(full_tiles), T); ++t) sum += cs[t * D];
-      sm.vcol[d] = sum;
-    }
+  if (vbar && threadIdx.x < D) {
+    float sum = 0.f;
+#pragma unroll
+    for (int part = 0; part < kThreads / D; ++part) sum += sm.vpart[part * D + threadIdx.x];
+    sm.vcol[threadIdx.x] = sum;
+  }
   // v̄'s numerator of the tiles some rows see in part: Vᵀ once more, times the 0/1 visibility
   float vis[NA];
 #pragma unroll
