@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include "tt_common.cuh"
+#include "tt_prefill_rows.cuh"
 #include "tt_internal.h"
 
 namespace topt {
@@ -367,46 +368,17 @@ __global__ void __launch_bounds__(kPfThreads, PfMinBlocks<D>()) PrefillKernel(To
       __syncthreads();
       if (warp_live) {
         unsigned va[4][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          float o[4];
-#pragma unroll
-          for (int x = 0; x < 4; ++x) o[x] = int64_t(t) * kPfKeys + nt * 8 + 2 * (lane & 3) + (x & 1) < end[x >> 1] ? 1.f : 0.f;
-          PackA(va, nt, o);
-        }
+        VisibilityFragments(va, int64_t(t) * kPfKeys, lane, end);
         TilePV<D>(sm.v[0], lane, va, vis);
       }
       __syncthreads();
     }
   __syncthreads();  // vcol complete
 
-  // Y
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float ke = kept_e[r], zz = z[r];
-    int kn = kept_n[r];
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      ke += __shfl_xor_sync(0xffffffffu, ke, o);
-      kn += __shfl_xor_sync(0xffffffffu, kn, o);
-      if constexpr (!kPost) zz += __shfl_xor_sync(0xffffffffu, zz, o);
-    }
-    if (row[r] >= p.S) continue;
-    // n = end: a masked call has every row dense, where n only tells an empty row (mx = -inf then too)
-    const OutWeights ow = RowWeights(p, rule[r], end[r], kn, mx[r] * unit, false, zz, ke, fmaxf(zz - ke, 0.f));
-    __half* y = static_cast<__half*>(p.y) + ((b * p.Hq + h) * p.S + row[r]) * D;
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      const int d = nd * 8 + 2 * (lane & 3);
-      float out[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float vs = vbar ? sm.vcol[d + e] + vis[nd][2 * r + e] : 0.f;
-        out[e] = ow.zero ? 0.f : ow.wa * acc[nd][2 * r + e] + (ow.wv != 0.f ? ow.wv * vs : 0.f);
-      }
-      *reinterpret_cast<__half2*>(y + d) = __floats2half2_rn(out[0], out[1]);
-    }
-  }
+  // Y (n = end: a masked call has every row dense, where n only tells an empty row; mx = -inf then too)
+  WriteRowsY<D>(p, b, h, lane, row, end, rule, kept_e, kept_n, z, !kPost, false, mx, unit,
+                [&](int nd, int r, int e) { return acc[nd][2 * r + e]; },
+                [&](int nd, int r, int e) { return vbar ? sm.vcol[nd * 8 + 2 * (lane & 3) + e] + vis[nd][2 * r + e] : 0.f; });
 }
 
 template <int D>

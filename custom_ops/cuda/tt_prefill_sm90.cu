@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "tt_common.cuh"
+#include "tt_prefill_rows.cuh"
 #include "tt_internal.h"
 
 namespace topt {
@@ -440,13 +441,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
       __syncthreads();
       if (t < wg_tiles) {
         unsigned va[4][4];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          float o[4];
-#pragma unroll
-          for (int x = 0; x < 4; ++x) o[x] = int64_t(t) * kPfKeys + nt * 8 + 2 * (lane & 3) + (x & 1) < end[x >> 1] ? 1.f : 0.f;
-          PackA(va, nt, o);
-        }
+        VisibilityFragments(va, int64_t(t) * kPfKeys, lane, end);
         WgFence();
 #pragma unroll
         for (int kc = 0; kc < 4; ++kc) WgmmaPV<D>(vis, va[kc], desc_v + kc * 2);
@@ -458,33 +453,10 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     }
   __syncthreads();  // vcol complete
 
-  // Y
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float ke = kept_e[r], zz = z[r];
-    int kn = kept_n[r];
-#pragma unroll
-    for (int o = 1; o <= 2; o <<= 1) {
-      ke += __shfl_xor_sync(0xffffffffu, ke, o);
-      kn += __shfl_xor_sync(0xffffffffu, kn, o);
-      zz += __shfl_xor_sync(0xffffffffu, zz, o);
-    }
-    if (row[r] >= p.S) continue;
-    if (dense_warp) ke = zz, kn = int(end[r]);  // every visible key kept (not summed in the loop)
-    const OutWeights ow = RowWeights(p, rule[r], end[r], kn, mx[r] * scale, false, zz, ke, fmaxf(zz - ke, 0.f));
-    __half* y = static_cast<__half*>(p.y) + ((b * p.Hq + h) * p.S + row[r]) * D;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      const int d = nd * 8 + 2 * (lane & 3);
-      float out[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float vsum = vbar ? sm.vcol[d + e] + vis[nd * 4 + 2 * r + e] : 0.f;
-        out[e] = ow.zero ? 0.f : ow.wa * acc[nd * 4 + 2 * r + e] + (ow.wv != 0.f ? ow.wv * vsum : 0.f);
-      }
-      *reinterpret_cast<__half2*>(y + d) = __floats2half2_rn(out[0], out[1]);
-    }
-  }
+  // Y (a warp whose rows keep every visible key summed no kept sums in the loop)
+  WriteRowsY<D>(p, b, h, lane, row, end, rule, kept_e, kept_n, z, true, dense_warp, mx, scale,
+                [&](int nd, int r, int e) { return acc[nd * 4 + 2 * r + e]; },
+                [&](int nd, int r, int e) { return vbar ? sm.vcol[nd * 8 + 2 * (lane & 3) + e] + vis[nd * 4 + 2 * r + e] : 0.f; });
 #else
   __trap();  // not built for sm_90a: PrefillSm90Available never picks this
 #endif
