@@ -27,11 +27,12 @@ int64_t PrefillWorkspaceBytes(const TopThetaParams& p);
 cudaError_t LaunchPrefill(const TopThetaParams& p, void* workspace, cudaStream_t stream);
 
 // tt_prefill_sm90.cu: tt_prefill.cu's one-pass instance on Hopper warpgroup MMAs (128 rows × 64-key
-// tiles), launched by LaunchPrefill where PrefillSm90Available(); vt: PrefillSm90VtBytes of
-// workspace for V transposed; colsum and T as tt_prefill.cu's column sums.
+// tiles), launched by LaunchPrefill where PrefillSm90Available(); staged: PrefillSm90StagedBytes of
+// workspace (16-byte aligned) for K and V staged as the kernel's tiles; colsum and T as
+// tt_prefill.cu's column sums.
 bool PrefillSm90Available();
-int64_t PrefillSm90VtBytes(const TopThetaParams& p, int64_t T);
-cudaError_t LaunchPrefillSm90(const TopThetaParams& p, const float* colsum, int64_t T, void* vt, cudaStream_t stream);
+int64_t PrefillSm90StagedBytes(const TopThetaParams& p, int64_t T);
+cudaError_t LaunchPrefillSm90(const TopThetaParams& p, const float* colsum, int64_t T, void* staged, cudaStream_t stream);
 
 // tt_decode.cu: S = 1, Dh = Dv in {64, 128}, G <= 8, 16-byte aligned rows; split-KV, then the
 // merge kernel (or, with -DTOPT_DECODE_FUSED_MERGE=1, the last CTA of each (b, g) merging).

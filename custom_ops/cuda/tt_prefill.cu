@@ -431,14 +431,14 @@ bool UseSm90(const TopThetaParams& p) {
   return p.mask_kind == MaskKind::kNone && (p.placement == Placement::kPreSoftmax || AllRowsDense(p)) &&
          (p.Dh == 128 || AllRowsDense(p)) && PrefillSm90Available();
 }
-// The workspace: the column sums, then (UseSm90) V transposed, 256-byte aligned.
+// The workspace: the column sums, then (UseSm90) K and V staged as its tiles, 256-byte aligned.
 int64_t ColSumBytes(const TopThetaParams& p) {
   return NeedsColSums(p) ? (p.B * p.Hkv * ColSumTiles(p) * p.Dv * int64_t(sizeof(float)) + 255) / 256 * 256 : 0;
 }
 }  // namespace
 
 int64_t PrefillWorkspaceBytes(const TopThetaParams& p) {
-  return ColSumBytes(p) + (UseSm90(p) ? PrefillSm90VtBytes(p, ColSumTiles(p)) : 0);
+  return ColSumBytes(p) + (UseSm90(p) ? PrefillSm90StagedBytes(p, ColSumTiles(p)) : 0);
 }
 
 cudaError_t LaunchPrefill(const TopThetaParams& p, void* workspace, cudaStream_t stream) {

@@ -4,12 +4,15 @@
 // - a CTA of two warpgroups owns 128 query rows of one head; each warpgroup computes its 64 rows ×
 //   64 keys of Q·Kᵀ with one m64n64k16 wgmma per 16 dims, Q and K read from shared memory;
 // - O += P·V is an m64nDk16 wgmma per 16 keys, P from registers (the score fragment is already
-//   the A layout), V from shared memory. wgmma wants V's keys contiguous, so V is transposed once
-//   per (b, g) into the workspace first (TransposeVKernel: one read and one write of V);
+//   the A layout), V from shared memory;
+// - K and V are staged once per (b, g) into the workspace (StageKvKernel: one read and one write of
+//   each), every 64-key tile as one block holding K and Vᵀ exactly as shared memory wants them
+//   (wgmma wants V's keys contiguous; both in the 128-byte swizzle), so that a tile arrives with one
+//   bulk copy issued by one thread, not 16 address computations and copies per thread;
 // - the P·V of a tile is skipped when no row of the warpgroup keeps a key in it (the skip unit is
 //   64 rows × 64 keys, the warpgroup's: wgmma is issued by all four warps together);
-// - K and Vᵀ tiles come through a 4-stage cp.async ring in the 128-byte swizzle wgmma reads,
-//   completing on mbarriers; the two warpgroups alternate their wgmma issue (FlashAttention-3's
+// - the tiles come through a 4-stage ring of bulk copies completing on mbarriers; the two
+//   warpgroups alternate their wgmma issue (FlashAttention-3's
 //   ping-pong), each overlapping tile t + 1's softmax with its P·V(t);
 // - the running max moves only when a tile passes it by 2^8 in e (FlashAttention-4's lazy
 //   rescale), so O is rarely rescaled.
@@ -34,29 +37,36 @@ constexpr int kRows = 128, kThreads = 256, kStages = 4;  // rows: two warpgroups
 // Tiles in shared memory, K-major with the 128-byte swizzle: a block holds rows of 64 halves (128
 // bytes), the 16-byte chunk c of row r at chunk position c ^ (r % 8); Dh = 128 is two blocks of
 // all rows, side by side. Every tile starts at a multiple of 1024 bytes (the swizzle's period).
+// A staged tile (in the workspace and in a ring stage alike): K, then Vᵀ.
 template <int D>
-struct Sm90Smem {
-  __half q[kRows * D];              // [D / 64 blocks][128 rows][64]
-  __half k[kStages][kPfKeys * D];   // [D / 64 blocks][64 keys][64]
-  __half vt[kStages][D * kPfKeys];  // [D rows][64 keys]
-  float vcol[D];
-  float vpart[kThreads];   // v̄'s numerator over the whole tiles: kThreads / D partial sums per column
-  uint64_t full[kStages];  // tile arrived: every thread's cp.async of it complete (256 arrivals)
+struct Sm90Tile {
+  __half k[kPfKeys * D];   // [D / 64 blocks][64 keys][64]
+  __half vt[D * kPfKeys];  // [D rows][64 keys]
 };
 
-// The device helpers exist in the sm_90a pass only (the other passes compile the kernel empty).
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int D>
+struct Sm90Smem {
+  __half q[kRows * D];  // [D / 64 blocks][128 rows][64]
+  Sm90Tile<D> st[kStages];
+  float vcol[D];
+  float vpart[kThreads];   // v̄'s numerator over the whole tiles: kThreads / D partial sums per column
+  uint64_t full[kStages];  // tile arrived: its bulk copy complete (one arrival, with the byte count)
+};
+
 // Offset in halves of element (r, c) of a swizzled tile of R rows.
 template <int R>
 __device__ __forceinline__ int Swz(int r, int c) {
   return (c >> 6) * R * 64 + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
 }
 
-// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ uint64_t Desc(const __half* p) {
-  const uint64_t a = SmemAddr(p);
-  return ((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
+// The device helpers exist in the sm_90a pass only (the other passes compile the kernel empty).
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart. Kept
+// as its low word (the start address in 16-byte units, the leading offset): offsets are then one
+// 32-bit add (the address never carries out of its 14 bits), not three 64-bit ones per wgmma.
+__device__ __forceinline__ unsigned DescLo(const __half* p) { return ((SmemAddr(p) & 0x3FFFF) >> 4) | (1u << 16); }
+constexpr unsigned kDescHi = (1024 >> 4) | (1u << 30);  // the 8-row group stride; the 128-byte swizzle
 
 __device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -73,9 +83,14 @@ __device__ __forceinline__ void FenceRegs(float (&r)[N]) {
 __device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count) : "memory");
 }
-// One arrival on bar once this thread's earlier cp.async are complete.
-__device__ __forceinline__ void CpAsyncArrive(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+// Where `issue`: bar expects `bytes` more and the bulk copy of them from src to dst completes them
+// (no branch: a divergent one among the wgmmas makes ptxas serialize them).
+__device__ __forceinline__ void BulkCopy(bool issue, void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\n"
+      "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%3], %2;\n"
+      "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%1], [%4], %2, [%3];\n}\n"
+      ::"r"(unsigned(issue)), "r"(SmemAddr(dst)), "r"(bytes), "r"(SmemAddr(bar)), "l"(src) : "memory");
 }
 __device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
   asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}\n"
@@ -86,7 +101,10 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
 // softmax runs while the other's wgmmas do.
 __device__ __forceinline__ void PingPongSync(int wg) { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); }
 __device__ __forceinline__ void PingPongArrive(int wg) { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); }
-// OR of v over the warpgroup's 128 threads (named barrier 1 + wg).
+
+// OR of v over the warpgroup's 128 threads (named barrier 1 + wg). (Passing it through shared memory
+// to the next ping-pong sync instead, with no barrier of its own, was slower: 4.06 -> 4.22 ms on
+// 32/8/128 16K; the barrier keeps the warpgroup's warps together for the next wgmma.)
 __device__ __forceinline__ bool WgAny(bool v, int wg) {
   unsigned r;
   asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, 128, p;\nselp.u32 %0, 1, 0, q;\n}\n"
@@ -96,59 +114,71 @@ __device__ __forceinline__ bool WgAny(bool v, int wg) {
 
 // The wgmma forms used (generated: every accumulator register is an operand).
 // d (64 × 64, fp32) (+)= A (64 × 16, shared) · B (16 × 64, shared).
-__device__ __forceinline__ void WgmmaSS(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+__device__ __forceinline__ void WgmmaSS(float (&d)[32], unsigned a, unsigned b, int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\nmov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, da, db, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a), "l"(b), "r"(accumulate));
+      : "r"(a), "r"(b), "r"(accumulate), "r"(kDescHi));
 }
 // d (64 × N, fp32) += A (64 × 16, registers) · B (16 × N, shared), N = 64 or 128.
-__device__ __forceinline__ void WgmmaRS(float (&d)[32], const unsigned (&a)[4], uint64_t b) {
+__device__ __forceinline__ void WgmmaRS(float (&d)[32], const unsigned (&a)[4], unsigned b) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\nmov.b64 db, {%36, %38};\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, db, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(1), "r"(kDescHi));
 }
-__device__ __forceinline__ void WgmmaRS(float (&d)[64], const unsigned (&a)[4], uint64_t b) {
+__device__ __forceinline__ void WgmmaRS(float (&d)[64], const unsigned (&a)[4], unsigned b) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %69, 0;\nmov.b64 db, {%68, %70};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, db, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(1), "r"(kDescHi));
 }
 
 template <int D>
-__device__ __forceinline__ void WgmmaPV(float (&acc)[D / 2], const unsigned (&a)[4], uint64_t b) { WgmmaRS(acc, a, b); }
+__device__ __forceinline__ void WgmmaPV(float (&acc)[D / 2], const unsigned (&a)[4], unsigned b) { WgmmaRS(acc, a, b); }
 #endif
 
-// Vᵀ per (b, g): vt[((b·Hkv + g)·D + d)·Tpad + j] = V[j][d] over the keys the buffers can hold,
-// zero past the batch's valid keys (so that P = 0 there never meets a NaN).
+// The staged tiles per (b, g): tile t of the keys the buffers can hold at ws[(b·Hkv + g)·T + t],
+// K and Vᵀ each in the 128-byte swizzle (zero past the batch's valid keys, so that P = 0 there never
+// meets a NaN). The writes are whole 16-byte chunks in the tile's order (coalesced).
 template <int D>
-__global__ void __launch_bounds__(kThreads) TransposeVKernel(TopThetaParams p, __half* vt, int64_t Tpad) {
-  __shared__ __half tile[kPfKeys][D + 8];
-  const int64_t j0 = int64_t(blockIdx.x) * kPfKeys, bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
+__global__ void __launch_bounds__(kThreads) StageKvKernel(TopThetaParams p, Sm90Tile<D>* ws, int64_t T) {
+  __shared__ __half tk[kPfKeys][D + 8], tv[kPfKeys][D + 8];
+  const int64_t t = blockIdx.x, j0 = t * kPfKeys, bg = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
   const KvGeom geo = GetGeom(p, b);
-  constexpr int C = D / 8;
+  constexpr int C = D / 8;  // 16-byte chunks per row of D
   for (int i = threadIdx.x; i < kPfKeys * C; i += kThreads) {
     const int r = i / C, c = i % C;
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (j0 + r < geo.valid_end) x = reinterpret_cast<const uint4*>(KvRow<__half>(p.past_value, p.v_new, p, geo, b, g, j0 + r, D))[c];
-    *reinterpret_cast<uint4*>(&tile[r][c * 8]) = x;
+    uint4 k = make_uint4(0, 0, 0, 0), v = k;
+    if (j0 + r < geo.valid_end) {
+      k = reinterpret_cast<const uint4*>(KvRow<__half>(p.past_key, p.k_new, p, geo, b, g, j0 + r, D))[c];
+      v = reinterpret_cast<const uint4*>(KvRow<__half>(p.past_value, p.v_new, p, geo, b, g, j0 + r, D))[c];
+    }
+    *reinterpret_cast<uint4*>(&tk[r][c * 8]) = k;
+    *reinterpret_cast<uint4*>(&tv[r][c * 8]) = v;
   }
   __syncthreads();
+  Sm90Tile<D>& out = ws[bg * T + t];
+  // chunk i of K's tile: block i / 512, key (i / 8) % 64, position i % 8, holding dims 8·(position ^ key % 8)
+  for (int i = threadIdx.x; i < kPfKeys * C; i += kThreads) {
+    const int r = (i >> 3) & (kPfKeys - 1), c = (i >> 9) * 64 + (((i & 7) ^ (r & 7)) << 3);
+    reinterpret_cast<uint4*>(out.k)[i] = *reinterpret_cast<const uint4*>(&tk[r][c]);
+  }
+  // chunk i of Vᵀ's tile: dim i / 8, position i % 8, holding keys 8·(position ^ dim % 8)
   for (int i = threadIdx.x; i < D * (kPfKeys / 8); i += kThreads) {
-    const int d = i / (kPfKeys / 8), c = i % (kPfKeys / 8);
-    __align__(16) __half out[8];
+    const int d = i >> 3, j = ((i & 7) ^ (d & 7)) << 3;
+    __align__(16) __half v[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) out[e] = tile[c * 8 + e][d];
-    *reinterpret_cast<uint4*>(vt + (bg * D + d) * Tpad + j0 + c * 8) = *reinterpret_cast<const uint4*>(out);
+    for (int e = 0; e < 8; ++e) v[e] = tv[j + e][d];
+    reinterpret_cast<uint4*>(out.vt)[i] = *reinterpret_cast<const uint4*>(v);
   }
 }
 
 template <int D>
-__global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams p, const float* colsum, int64_t T, const __half* vt_all, int64_t Tpad) {
+__global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams p, const float* colsum, int64_t T, const Sm90Tile<D>* ws) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   Sm90Smem<D>& sm = *reinterpret_cast<Sm90Smem<D>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -177,72 +207,36 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   const int tiles = int((RowEnd(p, geo, min(p.S, q0 + kRows) - 1) + kPfKeys - 1) / kPfKeys);
   const int full_tiles = int(RowEnd(p, geo, q0) / kPfKeys);  // tiles [0, full_tiles): every row sees them whole
 
-  // K tile t: rows run contiguously in the past buffer, then in the new input; a tile wholly in
-  // one of them (all but ≤ 2) is one base pointer plus this thread's offsets, fixed from here.
-  constexpr int kChunks = D / 8, kRowStep = kThreads / kChunks;
-  const int copy_row = threadIdx.x / kChunks, copy_chunk = threadIdx.x % kChunks;
-  const int64_t lane_off = int64_t(copy_row) * D + copy_chunk * 8;
-  const __half* k_past = static_cast<const __half*>(p.past_key) + bg * geo.past_len * D + lane_off;        // + j0·D
-  const __half* k_new = static_cast<const __half*>(p.k_new) + (bg * p.Skv - geo.past_rows) * D + lane_off;  // + j0·D
-  const __half* k_any = static_cast<const __half*>(p.k_new) + bg * p.Skv * D;
-  unsigned k_dst[kPfKeys / kRowStep];  // this thread's swizzled offsets (bytes) in a K stage
-#pragma unroll
-  for (int i = 0; i < kPfKeys / kRowStep; ++i) k_dst[i] = 2u * unsigned(Swz<kPfKeys>(copy_row + i * kRowStep, copy_chunk * 8));
-  auto copy_k = [&](const __half* dst, int t) {
-    const int64_t j0 = int64_t(t) * kPfKeys;
-    const unsigned d0 = SmemAddr(dst);
-    if (j0 + kPfKeys <= geo.past_rows || (j0 >= geo.past_rows && j0 + kPfKeys <= geo.valid_end)) {
-      const __half* base = (j0 < geo.past_rows ? k_past : k_new) + j0 * D;
-#pragma unroll
-      for (int i = 0; i < kPfKeys / kRowStep; ++i) CpAsync16(d0 + k_dst[i], base + i * kRowStep * D);
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < kPfKeys / kRowStep; ++i) {
-      const int r = copy_row + i * kRowStep;
-      const bool ok = j0 + r < geo.valid_end;
-      const __half* src = ok ? KvRow<__half>(p.past_key, p.k_new, p, geo, b, g, j0 + r, D) : k_any;
-      CpAsync16(const_cast<__half*>(dst) + k_dst[i] / 2, src + copy_chunk * 8, ok);
-    }
+  // Tile t: one bulk copy into its stage, issued by thread 0.
+  const Sm90Tile<D>* ws_bg = ws + bg * T;
+  auto copy = [&](int t) {
+    if (t < tiles) BulkCopy(threadIdx.x == 0, &sm.st[t % kStages], ws_bg + t, unsigned(sizeof(Sm90Tile<D>)), &sm.full[t % kStages]);
   };
-  // Vᵀ tile t: D rows of 64 keys, Tpad apart; this thread's rows and offsets fixed from here.
-  constexpr int kVtPer = D * 8 / kThreads;
-  const __half* vt_lane = vt_all + bg * D * Tpad + int64_t(threadIdx.x >> 3) * Tpad + (threadIdx.x & 7) * 8;  // + t·64
-  unsigned vt_dst[kVtPer];
-#pragma unroll
-  for (int i = 0; i < kVtPer; ++i) vt_dst[i] = 2u * unsigned(Swz<D>((threadIdx.x >> 3) + i * (kThreads / 8), (threadIdx.x & 7) * 8));
-  auto copy_vt = [&](const __half* dst, int t) {
-    const unsigned d0 = SmemAddr(dst);
-    const __half* base = vt_lane + int64_t(t) * kPfKeys;
-#pragma unroll
-    for (int i = 0; i < kVtPer; ++i) CpAsync16(d0 + vt_dst[i], base + int64_t(i) * (kThreads / 8) * Tpad);
-  };
-  auto copy = [&](int t) {  // every thread copies its share and arrives on the stage's barrier
-    if (t >= tiles) return;
-    copy_k(sm.k[t % kStages], t), copy_vt(sm.vt[t % kStages], t);
-    CpAsyncCommit();
-    CpAsyncArrive(&sm.full[t % kStages]);
-  };
-  auto wait_tile = [&](int t) {  // tile t in shared memory, visible to wgmma
-    MbarWait(&sm.full[t % kStages], unsigned(t / kStages) & 1u);
-    FenceProxyAsync();
-  };
+  auto wait_tile = [&](int t) { MbarWait(&sm.full[t % kStages], unsigned(t / kStages) & 1u); };
 
-  if (threadIdx.x < kStages) MbarInit(&sm.full[threadIdx.x], kThreads);
+  if (threadIdx.x < kStages) MbarInit(&sm.full[threadIdx.x], 1);
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   __syncthreads();
-  // Q (zeros past S) with tile 0, then tiles 1 .. kStages - 3
+  // tiles 0 .. kStages - 3, and Q (zeros past S) meanwhile
+  for (int t = 0; t < kStages - 2; ++t) copy(t);
+  constexpr int kChunks = D / 8;
   const __half* q_bh = static_cast<const __half*>(p.q) + (b * p.Hq + h) * p.S * D;
   for (int x = threadIdx.x; x < kRows * kChunks; x += kThreads) {
     const int r = x / kChunks, c = x % kChunks;
     CpAsync16(sm.q + Swz<kRows>(r, c * 8), (q0 + r < p.S ? q_bh + (q0 + r) * D : q_bh) + c * 8, q0 + r < p.S);
   }
-  for (int t = 0; t < kStages - 2; ++t) copy(t);
+  CpAsyncCommit();
+  CpAsyncWait<0>();
+  FenceProxyAsync();  // Q, written by cp.async, read by wgmma
+  __syncthreads();
 
   const float sl2 = scale * kLog2e;  // e = 2^(s·sl2 − max·sl2), s = q·k unscaled (scale > 0)
-  auto tile_max = [&](const float (&s)[32], int r) {  // over the quad that holds the row
-    float m = -INFINITY;
+  auto tile_max = [&](const float (&s)[32], int r) {  // over the quad that holds the row (a tree: short chains)
+    float m4[4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) m = fmaxf(m, fmaxf(s[nt * 4 + 2 * r], s[nt * 4 + 2 * r + 1]));
+    for (int i = 0; i < 4; ++i)
+      m4[i] = fmaxf(fmaxf(s[i * 8 + 2 * r], s[i * 8 + 2 * r + 1]), fmaxf(s[i * 8 + 4 + 2 * r], s[i * 8 + 5 + 2 * r]));
+    float m = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
     return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
   };
@@ -251,10 +245,11 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   for (int r = 0; r < 2; ++r) keep_above[r] = rule[r].dense ? -INFINITY : rule[r].theta / scale;  // a = scale·s > θ
 
   // Descriptors: a base each, plus constant offsets (16-byte units) for the stage and the k step.
-  const uint64_t desc_q = Desc(sm.q + wg * kWgRows * 64), desc_k = Desc(sm.k[0]), desc_v = Desc(sm.vt[0]);
+  const unsigned desc_q = DescLo(sm.q + wg * kWgRows * 64), desc_k = DescLo(sm.st[0].k), desc_v = DescLo(sm.st[0].vt);
+  constexpr unsigned kStageDesc = sizeof(Sm90Tile<D>) / 16;  // a stage's offset in descriptor units
   // S (the warpgroup's 64 rows × tile t, unscaled) = Q · Kᵀ, issued (not waited for)
   auto issue_qk = [&](int t, float (&s)[32]) {
-    const uint64_t dk = desc_k + uint64_t(t % kStages) * (kPfKeys * D * 2 / 16);
+    const unsigned dk = desc_k + unsigned(t % kStages) * kStageDesc;
     WgFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
@@ -296,16 +291,20 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     }
     // A row keeps a key of the tile iff it keeps the tile's largest (the rule is monotone in s).
     const bool warp_any = __any_sync(0xffffffffu, tmax[0] > keep_above[0] || tmax[1] > keep_above[1]);
+    // a row's 16 values of e, summed as a tree (short chains)
+    auto row_sum = [](const float (&e)[32], int r) {
+      float q[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) q[i] = (e[i * 8 + 2 * r] + e[i * 8 + 2 * r + 1]) + (e[i * 8 + 4 + 2 * r] + e[i * 8 + 5 + 2 * r]);
+      return (q[0] + q[1]) + (q[2] + q[3]);
+    };
     if (dense_warp) {
+      float e[32];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        float w[4];
+      for (int x = 0; x < 32; ++x) e[x] = Exp2(fmaf(s[x], sl2, -mo[(x >> 1) & 1]));  // 0 where not visible
 #pragma unroll
-        for (int x = 0; x < 4; ++x) w[x] = Exp2(fmaf(s[nt * 4 + x], sl2, -mo[x >> 1]));  // 0 where not visible
-        z[0] += w[0] + w[1];
-        z[1] += w[2] + w[3];
-        PackA(pa, nt, w);
-      }
+      for (int nt = 0; nt < 8; ++nt) PackA(pa, nt, {e[nt * 4], e[nt * 4 + 1], e[nt * 4 + 2], e[nt * 4 + 3]});
+      z[0] += row_sum(e, 0), z[1] += row_sum(e, 1);
     } else if (warp_any) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
@@ -326,8 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
       float e[32];
 #pragma unroll
       for (int x = 0; x < 32; ++x) e[x] = Exp2(fmaf(s[x], sl2, -mo[(x >> 1) & 1]));
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) z[0] += (e[nt * 4] + e[nt * 4 + 1]), z[1] += (e[nt * 4 + 2] + e[nt * 4 + 3]);
+      z[0] += row_sum(e, 0), z[1] += row_sum(e, 1);
 #pragma unroll
       for (int i = 0; i < 16; ++i) pa[i >> 2][i & 3] = 0u;
     }
@@ -389,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     PingPongSync(wg);
     if (next) issue_qk(t + 1, s);
     if (live && pv) {
-      const uint64_t dv = desc_v + uint64_t(t % kStages) * (D * kPfKeys * 2 / 16);
+      const unsigned dv = desc_v + unsigned(t % kStages) * kStageDesc;
       WgFence();
 #pragma unroll
       for (int kc = 0; kc < 4; ++kc) WgmmaPV<D>(acc, pa[kc], dv + kc * 2);
@@ -432,9 +430,10 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   float vis[NA];
 #pragma unroll
   for (int i = 0; i < NA; ++i) vis[i] = 0.f;
+  FenceProxyAsync();  // the ring's bulk copies and wgmma reads before stage 0's rewrite below
   if (vbar)
     for (int t = full_tiles; t < tiles; ++t) {
-      copy_vt(sm.vt[0], t);
+      for (int i = threadIdx.x; i < D * kPfKeys / 8; i += kThreads) CpAsync16(SmemAddr(sm.st[0].vt + i * 8), ws_bg[t].vt + i * 8);
       CpAsyncCommit();
       CpAsyncWait<0>();
       FenceProxyAsync();
@@ -463,10 +462,10 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
 }
 
 template <int D>
-cudaError_t LaunchD(const TopThetaParams& p, const float* colsum, int64_t T, __half* vt, cudaStream_t stream) {
-  const int64_t Tpad = T * kPfKeys;
+cudaError_t LaunchD(const TopThetaParams& p, const float* colsum, int64_t T, void* ws_raw, cudaStream_t stream) {
+  Sm90Tile<D>* ws = static_cast<Sm90Tile<D>*>(ws_raw);
   if (T > 0) {
-    TransposeVKernel<D><<<dim3(unsigned(T), unsigned(p.B * p.Hkv)), kThreads, 0, stream>>>(p, vt, Tpad);
+    StageKvKernel<D><<<dim3(unsigned(T), unsigned(p.B * p.Hkv)), kThreads, 0, stream>>>(p, ws, T);
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   const int smem = int(sizeof(Sm90Smem<D>)) + 1024;  // + the alignment to 1024
@@ -477,7 +476,7 @@ cudaError_t LaunchD(const TopThetaParams& p, const float* colsum, int64_t T, __h
     attr_set = true;
   }
   const dim3 grid(unsigned((p.S + kRows - 1) / kRows), unsigned(p.Hq), unsigned(p.B));
-  PrefillSm90Kernel<D><<<grid, kThreads, smem, stream>>>(p, colsum, T, vt, Tpad);
+  PrefillSm90Kernel<D><<<grid, kThreads, smem, stream>>>(p, colsum, T, ws);
   return cudaGetLastError();
 }
 
@@ -502,11 +501,12 @@ bool PrefillSm90Available() {
   return cached[dev] == 1;
 }
 
-int64_t PrefillSm90VtBytes(const TopThetaParams& p, int64_t T) { return p.B * p.Hkv * p.Dv * T * kPfKeys * int64_t(sizeof(__half)); }
+int64_t PrefillSm90StagedBytes(const TopThetaParams& p, int64_t T) {
+  return p.B * p.Hkv * T * int64_t(p.Dh == 64 ? sizeof(Sm90Tile<64>) : sizeof(Sm90Tile<128>));
+}
 
-cudaError_t LaunchPrefillSm90(const TopThetaParams& p, const float* colsum, int64_t T, void* vt, cudaStream_t stream) {
-  __half* v = static_cast<__half*>(vt);
-  return p.Dh == 64 ? LaunchD<64>(p, colsum, T, v, stream) : LaunchD<128>(p, colsum, T, v, stream);
+cudaError_t LaunchPrefillSm90(const TopThetaParams& p, const float* colsum, int64_t T, void* staged, cudaStream_t stream) {
+  return p.Dh == 64 ? LaunchD<64>(p, colsum, T, staged, stream) : LaunchD<128>(p, colsum, T, staged, stream);
 }
 
 }  // namespace cuda_detail
