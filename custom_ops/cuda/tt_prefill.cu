@@ -423,13 +423,10 @@ bool PrefillSupported(const TopThetaParams& p) {
 }
 
 namespace {
-// The one-pass unmasked instance runs on Hopper warpgroup MMAs where the device allows: at Dh 128,
-// or with every row dense. At Dh 64 a sparse call stays here: the exps bound both kernels there, and
-// this one's 16-row skip unit skips more (H100, 9/3/64 at 16K, 88% of the 64-row tiles empty: 1.25
-// ms here, 1.38 ms there; θ = -inf: 1.63 and 1.42).
+// The one-pass unmasked instance runs on Hopper warpgroup MMAs where the device allows (H100, 9/3/64
+// at 16K, 88% of the 64-row tiles empty: 1.25 ms here, 1.12-1.18 there; θ = -inf: 1.60 and 1.14).
 bool UseSm90(const TopThetaParams& p) {
-  return p.mask_kind == MaskKind::kNone && (p.placement == Placement::kPreSoftmax || AllRowsDense(p)) &&
-         (p.Dh == 128 || AllRowsDense(p)) && PrefillSm90Available();
+  return p.mask_kind == MaskKind::kNone && (p.placement == Placement::kPreSoftmax || AllRowsDense(p)) && PrefillSm90Available();
 }
 // The workspace: the column sums, then (UseSm90) K and V staged as its tiles, 256-byte aligned.
 int64_t ColSumBytes(const TopThetaParams& p) {

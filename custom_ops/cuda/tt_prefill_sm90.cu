@@ -3,8 +3,10 @@
 // compensation, same column sums; what changes is the tensor-core work:
 // - a CTA of two warpgroups owns 128 query rows of one head; each warpgroup computes its 64 rows ×
 //   64 keys of Q·Kᵀ with one m64n64k16 wgmma per 16 dims, Q and K read from shared memory;
-// - O += P·V is an m64nDk16 wgmma per 16 keys, P from registers (the score fragment is already
-//   the A layout), V from shared memory;
+// - O += P·V is an m64n(D + 8)k16 wgmma per 16 keys, P from registers (the score fragment is already
+//   the A layout), V from shared memory with 8 rows of ones after it: column D of the product is
+//   each row's Σ P, the kept sum, in the fp16 values P·V multiplied (their rounding cancels in Y
+//   where a few keys dominate a row) and with no adds of its own;
 // - K and V are staged once per (b, g) into the workspace (StageKvKernel: one read and one write of
 //   each), every 64-key tile as one block holding K and Vᵀ exactly as shared memory wants them
 //   (wgmma wants V's keys contiguous; both in the 128-byte swizzle), so that a tile arrives with one
@@ -12,8 +14,8 @@
 // - the P·V of a tile is skipped when no row of the warpgroup keeps a key in it (the skip unit is
 //   64 rows × 64 keys, the warpgroup's: wgmma is issued by all four warps together);
 // - the tiles come through a 4-stage ring of bulk copies completing on mbarriers; the two
-//   warpgroups alternate their wgmma issue (FlashAttention-3's
-//   ping-pong), each overlapping tile t + 1's softmax with its P·V(t);
+//   warpgroups alternate their wgmma issue (FlashAttention-3's ping-pong), each overlapping tile
+//   t + 1's softmax with its P·V(t);
 // - the running max moves only when a tile passes it by 2^8 in e (FlashAttention-4's lazy
 //   rescale), so O is rarely rescaled.
 // Chosen at launch where the device is sm_90 and this file's sm_90a code is the binary that runs
@@ -41,7 +43,7 @@ constexpr int kRows = 128, kThreads = 256, kStages = 4;  // rows: two warpgroups
 template <int D>
 struct Sm90Tile {
   __half k[kPfKeys * D];   // [D / 64 blocks][64 keys][64]
-  __half vt[D * kPfKeys];  // [D rows][64 keys]
+  __half vt[(D + 8) * kPfKeys];  // [D rows][64 keys], then 8 rows of ones: P·V's column D is Σ P
 };
 
 template <int D>
@@ -121,24 +123,24 @@ __device__ __forceinline__ void WgmmaSS(float (&d)[32], unsigned a, unsigned b, 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a), "r"(b), "r"(accumulate), "r"(kDescHi));
 }
-// d (64 × N, fp32) += A (64 × 16, registers) · B (16 × N, shared), N = 64 or 128.
-__device__ __forceinline__ void WgmmaRS(float (&d)[32], const unsigned (&a)[4], unsigned b) {
+// d (64 × N, fp32) += A (64 × 16, registers) · B (16 × N, shared), N = D + 8 for D = 64, 128.
+__device__ __forceinline__ void WgmmaRS(float (&d)[36], const unsigned (&a)[4], unsigned b) {
   asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\nmov.b64 db, {%36, %38};\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, db, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %41, 0;\nmov.b64 db, {%40, %42};\n"
+      "wgmma.mma_async.sync.aligned.m64n72k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35}, {%36, %37, %38, %39}, db, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(1), "r"(kDescHi));
 }
-__device__ __forceinline__ void WgmmaRS(float (&d)[64], const unsigned (&a)[4], unsigned b) {
+__device__ __forceinline__ void WgmmaRS(float (&d)[68], const unsigned (&a)[4], unsigned b) {
   asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %69, 0;\nmov.b64 db, {%68, %70};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, db, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %73, 0;\nmov.b64 db, {%72, %74};\n"
+      "wgmma.mma_async.sync.aligned.m64n136k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67}, {%68, %69, %70, %71}, db, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(1), "r"(kDescHi));
 }
 
 template <int D>
-__device__ __forceinline__ void WgmmaPV(float (&acc)[D / 2], const unsigned (&a)[4], unsigned b) { WgmmaRS(acc, a, b); }
+__device__ __forceinline__ void WgmmaPV(float (&acc)[(D + 8) / 2], const unsigned (&a)[4], unsigned b) { WgmmaRS(acc, a, b); }
 #endif
 
 // The staged tiles per (b, g): tile t of the keys the buffers can hold at ws[(b·Hkv + g)·T + t],
@@ -167,7 +169,10 @@ __global__ void __launch_bounds__(kThreads) StageKvKernel(TopThetaParams p, Sm90
     const int r = (i >> 3) & (kPfKeys - 1), c = (i >> 9) * 64 + (((i & 7) ^ (r & 7)) << 3);
     reinterpret_cast<uint4*>(out.k)[i] = *reinterpret_cast<const uint4*>(&tk[r][c]);
   }
-  // chunk i of Vᵀ's tile: dim i / 8, position i % 8, holding keys 8·(position ^ dim % 8)
+  // chunk i of Vᵀ's tile: dim i / 8, position i % 8, holding keys 8·(position ^ dim % 8); the rows
+  // of ones after them
+  for (int i = D * (kPfKeys / 8) + threadIdx.x; i < (D + 8) * (kPfKeys / 8); i += kThreads)
+    reinterpret_cast<uint4*>(out.vt)[i] = make_uint4(0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u);
   for (int i = threadIdx.x; i < D * (kPfKeys / 8); i += kThreads) {
     const int d = i >> 3, j = ((i & 7) ^ (d & 7)) << 3;
     __align__(16) __half v[8];
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   Sm90Smem<D>& sm = *reinterpret_cast<Sm90Smem<D>*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  constexpr int NA = D / 2, kWgRows = 64;  // accumulator floats per thread: 64 rows × D over 128 threads
+  constexpr int NA = (D + 8) / 2, kWgRows = 64;  // accumulator floats per thread: 64 rows × (D + 8) over 128 threads
   const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * kRows;  // causal: the longest rows start first
   const int64_t h = blockIdx.y, b = blockIdx.z, g = h / (p.Hq / p.Hkv), bg = b * p.Hkv + g;
   // wg through a shuffle: the compiler then knows it (and what follows from it) is warp-uniform,
@@ -202,7 +207,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     rule[r] = GetRule(p, h, end[r]);
   }
   const bool warp_live = wq0 + warp * 16 < p.S;
-  const int64_t warp_see = warp_live ? RowEnd(p, geo, wq0 + warp * 16) : 0;  // keys every row of the warp sees
+  // tiles [0, warp_whole): every row of the warp sees them whole
+  const int warp_whole = warp_live ? int(RowEnd(p, geo, wq0 + warp * 16) / kPfKeys) : 0;
   const int wg_tiles = wq0 < p.S ? int((RowEnd(p, geo, min(p.S, wq0 + kWgRows) - 1) + kPfKeys - 1) / kPfKeys) : 0;
   const int tiles = int((RowEnd(p, geo, min(p.S, q0 + kRows) - 1) + kPfKeys - 1) / kPfKeys);
   const int full_tiles = int(RowEnd(p, geo, q0) / kPfKeys);  // tiles [0, full_tiles): every row sees them whole
@@ -257,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     WgCommit();
   };
 
-  float acc[NA], mx[2] = {-INFINITY, -INFINITY}, z[2] = {0.f, 0.f}, kept_e[2] = {0.f, 0.f};
+  float acc[NA], mx[2] = {-INFINITY, -INFINITY}, z[2] = {0.f, 0.f};
   int kept_n[2] = {0, 0};
 #pragma unroll
   for (int i = 0; i < NA; ++i) acc[i] = 0.f;
@@ -273,21 +279,20 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   // The running max is a reference, moved only when a tile's max passes it by more than 2^8 in e
   // (FlashAttention-4's lazy rescale): e ≤ 256 meanwhile, P in fp16 and Z in fp32 hold it, and O
   // is rescaled only on the rare moves.
+  // mx_up = mx + the slack and mo = mx·sl2 (0 while mx is -inf) change with mx only.
   const float slack = 8.f / sl2;
+  float mx_up[2] = {-INFINITY, -INFINITY}, mo[2] = {0.f, 0.f};
   auto softmax_of = [&](const float (&s)[32], unsigned (&pa)[4][4]) {
-    float mo[2], tmax[2];
+    float tmax[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tmax[r] = tile_max(s, r);
-      const float nm = fmaxf(mx[r], tmax[r]);
       fac[r] = 1.f;
-      if (nm > mx[r] + slack) {  // mx = -inf: the first visible tile
-        fac[r] = Exp2((mx[r] - nm) * sl2);  // 0 while mx is -inf: nothing summed yet
+      if (tmax[r] > mx_up[r]) {  // mx = -inf: the first visible tile
+        fac[r] = Exp2((mx[r] - tmax[r]) * sl2);  // 0 while mx is -inf: nothing summed yet
         z[r] *= fac[r];
-        kept_e[r] *= fac[r];
-        mx[r] = nm;
+        mx[r] = tmax[r], mx_up[r] = tmax[r] + slack, mo[r] = tmax[r] * sl2;
       }
-      mo[r] = mx[r] == -INFINITY ? 0.f : mx[r] * sl2;
     }
     // A row keeps a key of the tile iff it keeps the tile's largest (the rule is monotone in s).
     const bool warp_any = __any_sync(0xffffffffu, tmax[0] > keep_above[0] || tmax[1] > keep_above[1]);
@@ -304,7 +309,6 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
       for (int x = 0; x < 32; ++x) e[x] = Exp2(fmaf(s[x], sl2, -mo[(x >> 1) & 1]));  // 0 where not visible
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) PackA(pa, nt, {e[nt * 4], e[nt * 4 + 1], e[nt * 4 + 2], e[nt * 4 + 3]});
-      z[0] += row_sum(e, 0), z[1] += row_sum(e, 1);
     } else if (warp_any) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
@@ -316,7 +320,6 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
           const float e = Exp2(fmaf(s[nt * 4 + x], sl2, -mo[r]));
           z[r] += e;
           w[x] = k ? e : 0.f;
-          kept_e[r] += w[x];
           kept_n[r] += k;
         }
         PackA(pa, nt, w);
@@ -332,8 +335,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     return WgAny(warp_any, wg);
   };
   auto softmax = [&](int t, const float (&acc_s)[32], unsigned (&pa)[4][4]) {
+    if (t < warp_whole) return softmax_of(acc_s, pa);
     const int64_t j0 = int64_t(t) * kPfKeys;
-    if (j0 + kPfKeys <= warp_see) return softmax_of(acc_s, pa);  // every row of the warp sees the tile whole
     // -inf where a row does not see the key, in a copy: writing the wgmma's accumulator registers
     // while P·V(t − 1) runs would serialize the wgmmas
     float s[32];
@@ -406,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     if (__any_sync(0xffffffffu, fac[0] != 1.f || fac[1] != 1.f)) {
       FenceRegs(acc);
 #pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) acc[nd * 4] *= fac[0], acc[nd * 4 + 1] *= fac[0], acc[nd * 4 + 2] *= fac[1], acc[nd * 4 + 3] *= fac[1];
+      for (int nd = 0; nd < NA / 4; ++nd) acc[nd * 4] *= fac[0], acc[nd * 4 + 1] *= fac[0], acc[nd * 4 + 2] *= fac[1], acc[nd * 4 + 3] *= fac[1];
       FenceRegs(acc);
       fac[0] = fac[1] = 1.f;
     }
@@ -433,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   FenceProxyAsync();  // the ring's bulk copies and wgmma reads before stage 0's rewrite below
   if (vbar)
     for (int t = full_tiles; t < tiles; ++t) {
-      for (int i = threadIdx.x; i < D * kPfKeys / 8; i += kThreads) CpAsync16(SmemAddr(sm.st[0].vt + i * 8), ws_bg[t].vt + i * 8);
+      for (int i = threadIdx.x; i < (D + 8) * kPfKeys / 8; i += kThreads) CpAsync16(SmemAddr(sm.st[0].vt + i * 8), ws_bg[t].vt + i * 8);
       CpAsyncCommit();
       CpAsyncWait<0>();
       FenceProxyAsync();
@@ -453,6 +456,15 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   __syncthreads();  // vcol complete
 
   // Y (a warp whose rows keep every visible key summed no kept sums in the loop)
+  // The kept sums from P·V's column D (Σ P over the keys it multiplied, in fp16 as they were: their
+  // rounding cancels in Y where a few keys dominate a row), a quarter per lane of the quad; a dense
+  // warp's Z is that sum too.
+  float kept_e[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    kept_e[r] = 0.25f * acc[(D / 8) * 4 + 2 * r];
+    if (dense_warp) z[r] = kept_e[r];
+  }
   WriteRowsY<D>(p, b, h, lane, row, end, rule, kept_e, kept_n, z, true, dense_warp, mx, scale,
                 [&](int nd, int r, int e) { return acc[nd * 4 + 2 * r + e]; },
                 [&](int nd, int r, int e) { return vbar ? sm.vcol[nd * 8 + 2 * (lane & 3) + e] + vis[nd * 4 + 2 * r + e] : 0.f; });
