@@ -16,8 +16,8 @@
 //   (the skip unit is 64 rows × 64 keys: wgmma is issued by all four warps together);
 // - K and V come through a 3-stage ring with a barrier each: K of tile t + 2 is copied once both
 //   warpgroups are past Q·Kᵀ(t − 1), V of t + 1 once they are past P·V(t − 2); the two warpgroups
-//   alternate their wgmma issue (FlashAttention-3's ping-pong), each overlapping tile t + 1's
-//   softmax with its P·V(t);
+//   alternate their wgmma issue (FlashAttention-3's ping-pong): one's softmax runs while the
+//   other's wgmmas do;
 // - the running max moves only when a tile passes it by 2^8 in e (FlashAttention-4's lazy
 //   rescale), so O is rarely rescaled.
 // Chosen at launch where the device is sm_90 and this file's sm_90a code is the binary that runs
@@ -123,7 +123,8 @@ __device__ __forceinline__ void PingPongArrive(int wg) {
 // ORs of v0 and v1 over the warpgroup's 128 threads (named barrier 1 + wg), as bits 0 and 1.
 // (Passing an OR through shared memory to the next ping-pong sync instead, with no barrier of its
 // own, was slower: 4.06 -> 4.22 ms on 32/8/128 16K; the barrier keeps the warpgroup's warps
-// together for the next wgmma.)
+// together for the next wgmma. One bar.red.popc counting v0 on lane 0 and v1 on lanes 1..8 was
+// slower than the two bar.red.or: 3.46 -> 3.50 ms at 88% of the tiles empty.)
 __device__ __forceinline__ int WgAny2(bool v0, bool v1, int wg) {
   unsigned r;
   asm volatile(
@@ -421,17 +422,20 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     vpart = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
   }
 
-  // The pipeline, as FlashAttention-3's: per warpgroup, with P(t) ready, issue Q·Kᵀ(t + 1) and
-  // P·V(t) back to back, wait for Q·Kᵀ(t + 1), run tile t + 1's softmax while P·V(t) runs, then
-  // pack P(t + 1) and rescale O if the max moved; between the two warpgroups, the ping-pong
-  // barriers alternate the wgmma issue, so that one's softmax runs while the other's wgmmas do.
+  // The pipeline: per warpgroup, with P(t) ready, issue Q·Kᵀ(t + 1) and P·V(t) back to back, wait
+  // for both, run tile t + 1's softmax (P(t + 1) into the registers P·V(t) read), rescale O if the
+  // max moved; between the two warpgroups, FlashAttention-3's ping-pong barriers alternate the
+  // wgmma issue, so that one's softmax runs while the other's wgmmas do. (Overlapping P·V(t) with
+  // the warpgroup's own softmax too, as FlashAttention-3 does, needs a second set of P registers;
+  // ptxas then has too few left to schedule the softmax's exps apart, and the kernel was slower:
+  // 32/8/128 16K, 88% of the tiles empty, 3.46 -> 3.57 ms.)
   // Tiles arrive on the stages' mbarriers (no CTA-wide barrier in the loop: it would undo the
   // ping-pong). Stage reuse: after warpgroup 0's ping-pong sync of iteration t, warpgroup 1 has
   // arrived in its iteration t - 1, so both are past their iteration t - 2: Q·Kᵀ(t - 1) and
   // P·V(t - 2) are complete, and K(t + 2) and V(t + 1) go into those tiles' stages. Both
   // warpgroups run every iteration (a finished one only keeps the alternation and the copies).
   float s[64];
-  unsigned pa0[8][4], pa1[8][4];
+  unsigned pa[8][4];
   int pv = 0;  // tile t's (see softmax): bit hf set, the warpgroup multiplies half hf
   bool keep[2] = {false, false};
   if (wg_tiles > 0) {
@@ -439,13 +443,13 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     issue_qk(0, s);
     WgWait<0>();
     FenceRegs(s);
-    softmax(0, s, pa0, pv, keep);
+    softmax(0, s, pa, pv, keep);
     fac[0] = fac[1] = 1.f;  // O is still zero
   }
   if (wg == 1) PingPongArrive(wg);  // warpgroup 0 issues first
   int stage = 0;        // tile t's: t % kStages
   unsigned parity = 0;  // (t / kStages) % 2
-  auto step = [&](int t, unsigned (&pa)[8][4], unsigned (&pa_next)[8][4]) {
+  auto step = [&](int t) {
     const bool live = t < wg_tiles, next = t + 1 < wg_tiles;
     const int stage1 = next_stage(stage);  // tile t + 1's
     const unsigned parity1 = stage1 == 0 ? parity ^ 1u : parity;
@@ -453,32 +457,34 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     if (live) MbarWait(sa(&sm.full_v[stage]), parity);
     PingPongSync(wg);
     if (next) issue_qk(stage1, s);
-    if (live) {
-      const unsigned dv = desc_v + unsigned(stage) * kStageDesc;
+    // P·V(t) of the halves the warpgroup keeps keys of: each case one basic block that ends in its
+    // commit (branches between the wgmmas make ptxas close a group at each block's end, and commit
+    // with a dummy wgmma after their join).
+    const unsigned dv = desc_v + unsigned(stage) * kStageDesc;
+    auto issue_pv = [&](int h0, int h1) {
+      WgFence();
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-        if (pv & (1 << hf)) {
-          WgFence();
+      for (int hf = h0; hf <= h1; ++hf)
 #pragma unroll
-          for (int kc = 0; kc < 4; ++kc) {
-            WgmmaRS(acc, pa[hf * 4 + kc], dv + hf * kHalfDesc + kc * 2);
-            WgmmaRS(ksum, pa[hf * 4 + kc], desc_ones);
-          }
+        for (int kc = 0; kc < 4; ++kc) {
+          WgmmaRS(acc, pa[hf * 4 + kc], dv + hf * kHalfDesc + kc * 2);
+          WgmmaRS(ksum, pa[hf * 4 + kc], desc_ones);
         }
-    }
-    // Commits and waits unconditional (a group may be empty; nothing may be pending): under a
-    // branch ptxas serializes every wgmma.
-    WgCommit();
+      WgCommit();
+    };
+    const int pv_live = live ? pv : 0;
+    if (pv_live == 3) issue_pv(0, 1);
+    else if (pv_live == 1) issue_pv(0, 0);
+    else if (pv_live == 2) issue_pv(1, 1);
+    else WgCommit();
     PingPongArrive(wg);
     copy_k(t + 2, next_stage(stage1)), copy_v(t + 1, stage1);
-    WgWait<1>();  // Q·Kᵀ(t + 1) (P·V(t) runs on)
-    FenceRegs(s);
-    if (next) softmax(t + 1, s, pa_next, pv, keep);
-    WgWait<0>();  // P·V(t)
+    WgWait<0>();  // Q·Kᵀ(t + 1) and P·V(t): P(t + 1) goes into the registers P·V(t) read
+    FenceRegs(s), FenceRegs(acc), FenceRegs(ksum);
+    if (next) softmax(t + 1, s, pa, pv, keep);
     // O's rescale by tile t + 1's factor, on the rare moves of the max; here, with no wgmma in
     // flight (a branch on it before an issue serializes the wgmmas)
     if (__any_sync(0xffffffffu, fac[0] != 1.f || fac[1] != 1.f)) {
-      FenceRegs(acc), FenceRegs(ksum);
 #pragma unroll
       for (int nd = 0; nd < NA / 4; ++nd) acc[nd * 4] *= fac[0], acc[nd * 4 + 1] *= fac[0], acc[nd * 4 + 2] *= fac[1], acc[nd * 4 + 3] *= fac[1];
       ksum[0] *= fac[0], ksum[1] *= fac[0], ksum[2] *= fac[1], ksum[3] *= fac[1];
@@ -487,10 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     }
     stage = stage1, parity = parity1;
   };
-  for (int t = 0; t < tiles; t += 2) {  // unrolled by two: P alternates between pa0 and pa1
-    step(t, pa0, pa1);
-    if (t + 1 < tiles) step(t + 1, pa1, pa0);
-  }
+  for (int t = 0; t < tiles; ++t) step(t);
   if (wg == 0) PingPongSync(wg);  // warpgroup 1's last arrival
   FenceRegs(acc);
   __syncthreads();  // every bulk copy waited for (the warpgroup with the most tiles waited for each)
@@ -508,29 +511,25 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     __syncthreads();
     if (threadIdx.x < D) vsum[threadIdx.x] = sum;
   }
-  // v̄'s numerator of the 64-key tiles some rows see in part: Vᵀ once more, times the 0/1 visibility
+  // v̄'s numerator of the 64-key tiles some rows see in part: their V, times the 0/1 visibility.
+  // They lie within the last three tiles (the rows' ends span fewer than 128 + 64 keys), whose V the
+  // ring still holds (a stage is refilled only for a tile < tiles) and this warpgroup waited for.
   float vis[NA];
 #pragma unroll
   for (int i = 0; i < NA; ++i) vis[i] = 0.f;
   if (vbar)
     for (int t = full_tiles; t < cs_tiles; ++t) {
-      const __half* src = ws_bg[t >> 1].vt + (t & 1) * D * kPfKeys;
-      for (int i = threadIdx.x; i < D * kPfKeys / 8; i += kThreads) CpAsync16(sa(sm.st[0].vt + i * 8), src + i * 8);
-      CpAsyncCommit();
-      CpAsyncWait<0>();
-      FenceProxyAsync();
-      __syncthreads();
-      if ((t >> 1) < wg_tiles) {
-        unsigned va[4][4];
-        VisibilityFragments(va, int64_t(t) * kPfKeys, lane, end);
-        WgFence();
+      if ((t >> 1) >= wg_tiles) continue;
+      if ((t >> 1) < tiles - kStages) __trap();  // not in the ring (cannot happen: see above)
+      unsigned va[4][4];
+      VisibilityFragments(va, int64_t(t) * kPfKeys, lane, end);
+      const unsigned dv = desc_v + unsigned((t >> 1) % kStages) * kStageDesc + unsigned(t & 1) * kHalfDesc;
+      WgFence();
 #pragma unroll
-        for (int kc = 0; kc < 4; ++kc) WgmmaRS(vis, va[kc], desc_v + kc * 2);
-        WgCommit();
-        WgWait<0>();
-        FenceRegs(vis);
-      }
-      __syncthreads();
+      for (int kc = 0; kc < 4; ++kc) WgmmaRS(vis, va[kc], dv + kc * 2);
+      WgCommit();
+      WgWait<0>();
+      FenceRegs(vis);
     }
   __syncthreads();  // vsum complete
 
