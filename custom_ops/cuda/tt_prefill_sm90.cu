@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     if (pv_live == 3) issue_pv(0, 1);
     else if (pv_live == 1) issue_pv(0, 0);
     else if (pv_live == 2) issue_pv(1, 1);
-    else WgCommit();
+    // (no P·V: no group; the wait below is for all)
     PingPongArrive(wg);
     copy_k(t + 2, next_stage(stage1)), copy_v(t + 1, stage1);
     WgWait<0>();  // Q·Kᵀ(t + 1) and P·V(t): P(t + 1) goes into the registers P·V(t) read
