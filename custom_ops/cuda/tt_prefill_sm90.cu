@@ -303,7 +303,6 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   for (int i = 0; i < NA; ++i) acc[i] = 0.f;
   const bool keep_all[2] = {keep_above[0] == -INFINITY, keep_above[1] == -INFINITY};
   const bool dense_warp = __all_sync(0xffffffffu, keep_all[0] && keep_all[1]);
-  float fac[2] = {1.f, 1.f};
   // The running max is a reference, moved only when a tile's max passes it by more than 2^8 in e
   // (FlashAttention-4's lazy rescale): e ≤ 256 meanwhile, P in fp16 and Z in fp32 hold it, and O
   // is rescaled only on the rare moves.
@@ -311,8 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   const float slack = 8.f / sl2;
   float mx_up[2] = {-INFINITY, -INFINITY}, mo[2] = {0.f, 0.f};
   // Tile t's softmax, its S in s (complete): hide the keys rows do not see (kMasked: tiles some row
-  // of the warpgroup sees in part); the online max (Z rescaled now, O's factor `fac` kept for later:
-  // P·V(t − 1) may still be adding into O); one exp per score; the keep decisions and P(t) into pa.
+  // of the warpgroup sees in part); the online max (Z and O rescaled where it moves); one exp per
+  // score; the keep decisions and P(t) into pa.
   // s itself is not written: ptxas serializes the wgmmas where non-wgmma instructions define an
   // accumulator while a wgmma is pending. Per 64-key half, three warp-uniform paths: every row of
   // the warp keeps every visible key (dense, or θ = -inf: P = e, the kept sums and Z come from P·1
@@ -341,65 +340,79 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     float hm[2][2];  // [half][row]: this thread's max
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) hm[hf][0] = half_max(hf, 0), hm[hf][1] = half_max(hf, 1);
+    // The row max moves past mx_up only where some thread's own max does: the quad's shuffles and
+    // O's rescale run on those rare tiles only (here, with no wgmma in flight: the step waited for
+    // P·V(t − 1) before this softmax). On the common path the exps then wait for no shuffle, and
+    // no vote or branch for O follows the softmax.
+    if (__any_sync(0xffffffffu, fmaxf(hm[0][0], hm[1][0]) > mx_up[0] || fmaxf(hm[0][1], hm[1][1]) > mx_up[1])) {
+      float fac[2] = {1.f, 1.f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float m = fmaxf(hm[0][r], hm[1][r]);
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      fac[r] = 1.f;
-      if (m > mx_up[r]) {  // mx = -inf: the first visible tile
-        fac[r] = Exp2((mx[r] - m) * sl2);  // 0 while mx is -inf: nothing summed yet
-        z[r] *= fac[r];
-        mx[r] = m, mx_up[r] = m + slack, mo[r] = m * sl2;
-      }
-    }
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      // A row keeps a key of the half iff it keeps the half's largest (the rule is monotone in s).
-      keep[hf] = __any_sync(0xffffffffu, hm[hf][0] > keep_above[0] || hm[hf][1] > keep_above[1]);
-      // 4 values at a time (nt: keys 8·nt ..), so that few are live: their e, P packed at once,
-      // and the pairs of a row summed, for a tree over the 8 pairs
-      auto exps = [&](int nt, float (&e)[4]) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) e[i] = Exp2(fmaf(sv(hf * 32 + nt * 4 + i), sl2, -mo[i >> 1]));  // 0 where not visible
-      };
-      float zp[2][8];
-      if (dense_warp) {
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          float e[4];
-          exps(nt, e);
-          PackA8(pa, hf * 8 + nt, e[0], e[1], e[2], e[3]);
+      for (int r = 0; r < 2; ++r) {
+        float m = fmaxf(hm[0][r], hm[1][r]);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        if (m > mx_up[r]) {  // mx = -inf: the first visible tile
+          fac[r] = Exp2((mx[r] - m) * sl2);  // 0 while mx is -inf: nothing summed yet
+          z[r] *= fac[r];
+          mx[r] = m, mx_up[r] = m + slack, mo[r] = m * sl2;
         }
-      } else {
-        if (keep[hf]) {
+      }
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-            float e[4], w[4];
-            exps(nt, e);
+      for (int nd = 0; nd < NA / 4; ++nd) acc[nd * 4] *= fac[0], acc[nd * 4 + 1] *= fac[0], acc[nd * 4 + 2] *= fac[1], acc[nd * 4 + 3] *= fac[1];
+      ksum[0] *= fac[0], ksum[1] *= fac[0], ksum[2] *= fac[1], ksum[3] *= fac[1];
+      FenceRegs(acc), FenceRegs(ksum);
+    }
+    // per half (the dense branch taken once per tile: dense_warp is the warp's for good)
+    auto halves = [&](auto dense) {
+      constexpr bool kDense = decltype(dense)::value;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const bool k = sv(hf * 32 + nt * 4 + i) > keep_above[i >> 1];
-              w[i] = k ? e[i] : 0.f;
-              kept_n[i >> 1] += k;
-            }
-            PackA8(pa, hf * 8 + nt, w[0], w[1], w[2], w[3]);
-            zp[0][nt] = e[0] + e[1], zp[1][nt] = e[2] + e[3];
-          }
-        } else {
+      for (int hf = 0; hf < 2; ++hf) {
+        // A row keeps a key of the half iff it keeps the half's largest (the rule is monotone in s).
+        keep[hf] = __any_sync(0xffffffffu, hm[hf][0] > keep_above[0] || hm[hf][1] > keep_above[1]);
+        // 4 values at a time (nt: keys 8·nt ..), so that few are live: their e, P packed at once,
+        // and the pairs of a row summed, for a tree over the 8 pairs
+        auto exps = [&](int nt, float (&e)[4]) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) e[i] = Exp2(fmaf(sv(hf * 32 + nt * 4 + i), sl2, -mo[i >> 1]));  // 0 where not visible
+        };
+        float zp[2][8];
+        if constexpr (kDense) {
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
             float e[4];
             exps(nt, e);
-            zp[0][nt] = e[0] + e[1], zp[1][nt] = e[2] + e[3];
+            PackA8(pa, hf * 8 + nt, e[0], e[1], e[2], e[3]);
+          }
+        } else {
+          if (keep[hf]) {
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+              float e[4], w[4];
+              exps(nt, e);
+#pragma unroll
+              for (int i = 0; i < 4; ++i)  // w = e where kept, else 0; the count by a predicated add (not a select and an add)
+                asm("{\n.reg .pred p;\nsetp.gt.f32 p, %2, %3;\nselp.f32 %0, %4, 0f00000000, p;\n@p add.s32 %1, %1, 1;\n}\n"
+                    : "=f"(w[i]), "+r"(kept_n[i >> 1]) : "f"(sv(hf * 32 + nt * 4 + i)), "f"(keep_above[i >> 1]), "f"(e[i]));
+              PackA8(pa, hf * 8 + nt, w[0], w[1], w[2], w[3]);
+              zp[0][nt] = e[0] + e[1], zp[1][nt] = e[2] + e[3];
+            }
+          } else {
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+              float e[4];
+              exps(nt, e);
+              zp[0][nt] = e[0] + e[1], zp[1][nt] = e[2] + e[3];
+            }
+#pragma unroll
+            for (int i = 0; i < 16; ++i) pa[hf * 4 + (i >> 2)][i & 3] = 0u;
           }
 #pragma unroll
-          for (int i = 0; i < 16; ++i) pa[hf * 4 + (i >> 2)][i & 3] = 0u;
+          for (int r = 0; r < 2; ++r) z[r] += ((zp[r][0] + zp[r][1]) + (zp[r][2] + zp[r][3])) + ((zp[r][4] + zp[r][5]) + (zp[r][6] + zp[r][7]));
         }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) z[r] += ((zp[r][0] + zp[r][1]) + (zp[r][2] + zp[r][3])) + ((zp[r][4] + zp[r][5]) + (zp[r][6] + zp[r][7]));
       }
-    }
+    };
+    if (dense_warp) halves(std::true_type{});
+    else halves(std::false_type{});
     pv = WgAny2(keep[0], keep[1], wg);
   };
   auto softmax = [&](int t, const float (&s)[64], unsigned (&pa)[8][4], int& pv, bool (&keep)[2]) {
@@ -423,8 +436,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   }
 
   // The pipeline: per warpgroup, with P(t) ready, issue Q·Kᵀ(t + 1) and P·V(t) back to back, wait
-  // for both, run tile t + 1's softmax (P(t + 1) into the registers P·V(t) read), rescale O if the
-  // max moved; between the two warpgroups, FlashAttention-3's ping-pong barriers alternate the
+  // for both, run tile t + 1's softmax (P(t + 1) into the registers P·V(t) read; O rescaled there
+  // if the max moved); between the two warpgroups, FlashAttention-3's ping-pong barriers alternate the
   // wgmma issue, so that one's softmax runs while the other's wgmmas do. (Overlapping P·V(t) with
   // the warpgroup's own softmax too, as FlashAttention-3 does, needs a second set of P registers;
   // ptxas then has too few left to schedule the softmax's exps apart, and the kernel was slower:
@@ -444,7 +457,6 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     WgWait<0>();
     FenceRegs(s);
     softmax(0, s, pa, pv, keep);
-    fac[0] = fac[1] = 1.f;  // O is still zero
   }
   if (wg == 1) PingPongArrive(wg);  // warpgroup 0 issues first
   int stage = 0;        // tile t's: t % kStages
@@ -482,15 +494,6 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     WgWait<0>();  // Q·Kᵀ(t + 1) and P·V(t): P(t + 1) goes into the registers P·V(t) read
     FenceRegs(s), FenceRegs(acc), FenceRegs(ksum);
     if (next) softmax(t + 1, s, pa, pv, keep);
-    // O's rescale by tile t + 1's factor, on the rare moves of the max; here, with no wgmma in
-    // flight (a branch on it before an issue serializes the wgmmas)
-    if (__any_sync(0xffffffffu, fac[0] != 1.f || fac[1] != 1.f)) {
-#pragma unroll
-      for (int nd = 0; nd < NA / 4; ++nd) acc[nd * 4] *= fac[0], acc[nd * 4 + 1] *= fac[0], acc[nd * 4 + 2] *= fac[1], acc[nd * 4 + 3] *= fac[1];
-      ksum[0] *= fac[0], ksum[1] *= fac[0], ksum[2] *= fac[1], ksum[3] *= fac[1];
-      FenceRegs(acc), FenceRegs(ksum);
-      fac[0] = fac[1] = 1.f;
-    }
     stage = stage1, parity = parity1;
   };
   for (int t = 0; t < tiles; ++t) step(t);
