@@ -17,6 +17,13 @@ Time per node: every model is N independent nodes (same Q, each with its own K/V
 sits in L2 for the next), bound with I/O binding to torch device buffers; the time per node is the
 slope (t(N2) − t(N1)) / (N2 − N1), medians of many runs. torch SDPA: CUDA events around N2 calls.
 
+Paired rounds (--rounds R): an H100 running these kernels sits at its 700 W power cap, and its SM
+clock swings between about 1.35 and 1.8 GHz over a second or so, so two kernels timed a few hundred
+ms apart see different clocks (one kernel's time moved by ±5% between runs). With R > 0 every topt
+configuration is also timed in R rounds against ORT GQA: single runs of each, interleaved, so that a
+round's two slopes see about the same clock. The median of the rounds' ratios and its quartiles are
+reported ("paired_ratio_vs_gqa"), with the SM clock and power NVML reported at each round.
+
 Usage (GPU machine, onnxruntime-gpu + torch):
   python bench/prefill_attention.py --lengths 4096,8192,16384 --heads 32:8:128,9:3:64 --skips 0.7,0.9 --out r.json
 """
@@ -27,6 +34,7 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -165,7 +173,44 @@ def sdpa_ms(q, ks, vs, G, repeats):
     return statistics.median(times)
 
 
-def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers, tile_rows=WARP_ROWS):
+def gpu_state() -> dict:
+    """The SM clock (MHz) and power (W) now, from NVML where torch can reach it (else empty)."""
+    try:
+        return {"sm_mhz": torch.cuda.clock_rate(), "watts": torch.cuda.power_draw() / 1000}
+    except Exception:  # noqa: BLE001 — no NVML binding: the rounds are still paired
+        return {}
+
+
+def paired_rounds(gqa, topt, n1, n2, rounds):
+    """R rounds of single runs, GQA and topt interleaved (n1 nodes each, then n2 nodes each; which
+    goes first alternates), so that a round's two slopes see about the same clock: per round the
+    ratio GQA / topt. gqa, topt: (runner of n1 nodes, runner of n2 nodes)."""
+    def once(runner):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        runner.run()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+    for runner in (*gqa, *topt):
+        for _ in range(3):
+            runner.run()
+    per_round = []
+    for r in range(rounds):
+        first, second = (gqa, topt) if r % 2 == 0 else (topt, gqa)
+        t = {}
+        for i in (0, 1):
+            t[id(first), i] = once(first[i])
+            t[id(second), i] = once(second[i])
+        g, o = ((t[id(x), 1] - t[id(x), 0]) / (n2 - n1) * 1e3 for x in (gqa, topt))
+        per_round.append({"gqa_ms": g, "topt_ms": o, "ratio": g / o} | gpu_state())
+    ratios = sorted(x["ratio"] for x in per_round)
+    quart = statistics.quantiles(ratios, n=4)
+    return {"paired_ratio_vs_gqa": statistics.median(ratios), "paired_ratio_q1": quart[0], "paired_ratio_q3": quart[2],
+            "paired_gqa_ms": statistics.median(x["gqa_ms"] for x in per_round),
+            "paired_topt_ms": statistics.median(x["topt_ms"] for x in per_round), "rounds": per_round}
+
+
+def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers, tile_rows=WARP_ROWS, rounds=0):
     G, n1, n2 = Hq // Hkv, layers[0], layers[1]
     dev = dict(device="cuda", dtype=torch.float16)
     q = torch.randn(B, Hq, S, D, **dev)
@@ -220,7 +265,12 @@ def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers, tile_ro
             warp_skip = skip if tile_rows == WARP_ROWS else tile_fractions(q, ks[0], placement, z, range(Hq))[0]
             theta, lengths = theta_table(placement, z, Hq, S)
             ms = slope_ms(lambda n: topt_runner(n, placement, compensation, theta, lengths, dense_prompt), n1, n2, repeats)
-            results.append(row | dense | {
+            paired = {}
+            if rounds > 0:
+                paired = paired_rounds((gqa_runner(n1), gqa_runner(n2)),
+                                       tuple(topt_runner(n, placement, compensation, theta, lengths, dense_prompt) for n in (n1, n2)),
+                                       n1, n2, rounds)
+            results.append(row | dense | paired | {
                 "placement": placement + (" dense_prompt" if dense_prompt else ""), "compensation": compensation,
                 "target_tiles_skipped": target, "z": z,
                 "tile_rows": tile_rows, "tiles_skipped": skip, "warp_tiles_skipped": warp_skip, "kept_fraction": kept, "topt_ms": ms, "best_dense_ms": best,
@@ -242,6 +292,8 @@ def main():
     parser.add_argument("--placements", default="pre_softmax:sdc_exact+vmc,post_softmax:vmc,post_softmax:vmc:dense_prompt",
                         help="placement:compensation[:dense_prompt] (dense_prompt: the attribute set, every key kept)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also time each topt configuration against ORT GQA in this many paired rounds (see above)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     print_versions()
@@ -251,12 +303,14 @@ def main():
             for S in map(int, args.lengths.split(",")):
                 results += prefill_config(B, Hq, Hkv, D, S, [float(s) for s in args.skips.split(",")],
                                           [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, 3),
-                                          args.tile_rows)
+                                          args.tile_rows, args.rounds)
     report(results, args.out, "| B | Hq/Hkv/D | S | placement | tiles skipped (16-row) | kept | topt ms | GQA ms | SDPA ms | A-23 ms | vs best dense |",
            lambda r: f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['S']} | {r['placement']} | {r['tiles_skipped']:.3f} "
                      f"({r['warp_tiles_skipped']:.3f}) | "
                      f"{r['kept_fraction']:.5f} | {r['topt_ms']:.3f} | {r['gqa_ms']:.3f} | {r['sdpa_ms']:.3f} | "
-                     f"{r['attention23_ms']:.3f} | {r['speedup_vs_best_dense']:.2f}x |")
+                     f"{r['attention23_ms']:.3f} | {r['speedup_vs_best_dense']:.2f}x |"
+                     + (f" paired vs GQA {r['paired_ratio_vs_gqa']:.3f}x (quartiles {r['paired_ratio_q1']:.3f}-{r['paired_ratio_q3']:.3f}) |"
+                        if "paired_ratio_vs_gqa" in r else ""))
 
 
 if __name__ == "__main__":

@@ -928,7 +928,17 @@ static int PrefillTime() {
       DevBuf dth(sh.Hq * 4), dlen(8);
       const int64_t len0 = 0;
       dlen.Up(&len0);
-      for (float theta : {-INFINITY, 3.5f, 3.8f, 4.0f}) {
+      std::vector<float> thetas = {-INFINITY, 3.5f, 3.8f, 4.0f};
+      if (const char* ts = std::getenv("TOPT_PF_THETAS")) {  // "3.5,3.8,..." in place of the default set
+        thetas.clear();
+        for (const char* c = ts; *c;) {
+          char* e;
+          thetas.push_back(std::strtof(c, &e));
+          c = *e == ',' ? e + 1 : e;
+          if (e == c && *c) break;
+        }
+      }
+      for (float theta : thetas) {
         std::vector<float> th(sh.Hq, theta);
         dth.Up(th.data());
         TopThetaParams p;
