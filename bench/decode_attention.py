@@ -14,6 +14,10 @@ stats output; the measured fraction is reported.
 the slope is GPU time per node, as torch SDPA's; without it a small node also pays ORT's per-node
 host cost.
 --kernels also profiles each topt configuration (torch.profiler/CUPTI): µs per node of each kernel.
+--rounds R also times each topt configuration against torch SDPA and ORT GQA in R paired rounds
+(bench/paired.py): single runs of each, interleaved, every one as a slope between N1 and N2 layers
+(SDPA's a CUDA graph of each length: its fixed cost too is removed, unlike the N2-only SDPA time
+above); the median per-round ratio and its quartiles ("paired_ratio_vs_sdpa", "..._vs_gqa").
 
 Usage (GPU machine, onnxruntime-gpu + torch): python bench/decode_attention.py --out results.json
 """
@@ -35,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 import topt_compile  # noqa: E402
+from paired import paired_rounds  # noqa: E402  (bench/ is on sys.path when run as a script)
 from topt_compile.ops import schema  # noqa: E402
 
 F16 = TensorProto.FLOAT16
@@ -172,28 +177,38 @@ def sdpa_ms(B, Hq, Hkv, D, T, n_layers, repeats):
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.float16)
     caches = [(torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16),
                torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)) for _ in range(n_layers)]
-
-    def step():
-        x = q
-        for k, v in caches:
-            x = torch.nn.functional.scaled_dot_product_attention(x, k, v, enable_gqa=True)
-        return x
-
-    for _ in range(3):
-        step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = SdpaGraph(q, caches)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        graph.run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    del caches
+    del caches, graph
     return statistics.median(times) / n_layers
+
+
+class SdpaGraph:
+    """torch SDPA over the given layers' caches (enable_gqa), one CUDA graph; run() replays it."""
+
+    def __init__(self, q, caches):
+        self.q, self.caches = q, caches
+        for _ in range(3):
+            self.step()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def step(self):
+        x = self.q
+        for k, v in self.caches:
+            x = torch.nn.functional.scaled_dot_product_attention(x, k, v, enable_gqa=True)
+        return x
+
+    def run(self):
+        self.graph.replay()
 
 
 def decode_inputs(B, Hq, Hkv, D, ctx, n_layers, device="cuda"):
@@ -209,7 +224,7 @@ def decode_inputs(B, Hq, Hkv, D, ctx, n_layers, device="cuda"):
         seqlens=torch.full((B,), ctx, dtype=torch.int32, device=device))
 
 
-def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers, kernels=False):
+def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers, kernels=False, rounds=0):
     G, M = Hq // Hkv, ctx + 1
     n1, n2 = layers
     dev = dict(device="cuda", dtype=torch.float16)
@@ -249,6 +264,11 @@ def decode_config(B, Hq, Hkv, D, ctx, fractions, placements, repeats, layers, ke
                                               fraction, Hq, G, ctx + 1)
             ms = slope_ms(lambda n: topt_runner(n, placement, compensation, theta), n1, n2, repeats)
             extra = {"kernels": kernel_times(topt_runner(n2, placement, compensation, theta), n2)} if kernels else {}
+            if rounds > 0:
+                extra |= paired_rounds({"sdpa": (SdpaGraph(q, caches[:n1]), SdpaGraph(q, caches[:n2])),
+                                        "gqa": (gqa_runner(n1), gqa_runner(n2)),
+                                        "topt": tuple(topt_runner(n, placement, compensation, theta) for n in (n1, n2))},
+                                       n1, n2, rounds)
             read = B * Hkv * (ctx + 1) * D * 2 * (1 + measured)  # all of K + the kept V rows
             best_dense = min(row_gqa, row_sdpa)
             results.append(row | {"placement": placement, "compensation": compensation, "target_fraction": fraction,
@@ -348,6 +368,8 @@ def main():
     parser.add_argument("--kernels", action="store_true", help="also profile each topt config: µs per node of each kernel")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="ORT sessions replay a CUDA graph (enable_cuda_graph): GPU time per node, not ORT's host cost")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="also time each topt configuration against SDPA and GQA in this many paired rounds (see above)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     global CUDA_GRAPH
@@ -360,11 +382,15 @@ def main():
                 layer_bytes = 2 * B * Hkv * (ctx + 1) * D * 2
                 n2 = int(max(3, min(12, 16e9 // layer_bytes)))
                 results += decode_config(B, Hq, Hkv, D, ctx, [float(f) for f in args.fractions.split(",")],
-                                         [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, n2), args.kernels)
+                                         [tuple(p.split(":")) for p in args.placements.split(",")], args.repeats, (1, n2), args.kernels,
+                                         args.rounds)
     report(results, args.out, "| B | Hq/Hkv/D | ctx | placement | kept (union) | topt ms | GQA ms | SDPA ms | A-23 ms | topt GB/s | vs best dense |",
            lambda r: f"| {r['B']} | {r['Hq']}/{r['Hkv']}/{r['D']} | {r['context']} | {r['placement']} | {r['union_kept_fraction']:.4f} | "
                      f"{r['topt_ms']:.4f} | {r['gqa_ms']:.4f} | {r['sdpa_ms']:.4f} | {r.get('attention23_ms', float('nan')):.4f} | "
-                     f"{r['topt_GBps']:.0f} | {r['speedup_vs_best_dense']:.2f}x |")
+                     f"{r['topt_GBps']:.0f} | {r['speedup_vs_best_dense']:.2f}x |"
+                     + (f" paired: vs SDPA {r['paired_ratio_vs_sdpa']:.3f}x ({r['paired_ratio_vs_sdpa_q1']:.3f}-{r['paired_ratio_vs_sdpa_q3']:.3f}),"
+                        f" vs GQA {r['paired_ratio_vs_gqa']:.3f}x ({r['paired_ratio_vs_gqa_q1']:.3f}-{r['paired_ratio_vs_gqa_q3']:.3f}) |"
+                        if "paired_ratio_vs_sdpa" in r else ""))
     for r in results:
         if "kernels" in r:
             print(f"B={r['B']} {r['Hq']}/{r['Hkv']}/{r['D']} ctx={r['context']} {r['placement']}: busy {r['kernels']['busy_us']:.1f} µs/node; "

@@ -34,7 +34,6 @@ import json
 import math
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -42,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 from decode_attention import Runner, head_shapes, print_versions, report, slope_ms, value_info  # noqa: E402  (bench/ is on sys.path when run as a script)
+from paired import paired_rounds  # noqa: E402
 from topt_compile.ops import schema  # noqa: E402
 
 F16 = TensorProto.FLOAT16
@@ -173,43 +173,6 @@ def sdpa_ms(q, ks, vs, G, repeats):
     return statistics.median(times)
 
 
-def gpu_state() -> dict:
-    """The SM clock (MHz) and power (W) now, from NVML where torch can reach it (else empty)."""
-    try:
-        return {"sm_mhz": torch.cuda.clock_rate(), "watts": torch.cuda.power_draw() / 1000}
-    except Exception:  # noqa: BLE001 — no NVML binding: the rounds are still paired
-        return {}
-
-
-def paired_rounds(gqa, topt, n1, n2, rounds):
-    """R rounds of single runs, GQA and topt interleaved (n1 nodes each, then n2 nodes each; which
-    goes first alternates), so that a round's two slopes see about the same clock: per round the
-    ratio GQA / topt. gqa, topt: (runner of n1 nodes, runner of n2 nodes)."""
-    def once(runner):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        runner.run()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-    for runner in (*gqa, *topt):
-        for _ in range(3):
-            runner.run()
-    per_round = []
-    for r in range(rounds):
-        first, second = (gqa, topt) if r % 2 == 0 else (topt, gqa)
-        t = {}
-        for i in (0, 1):
-            t[id(first), i] = once(first[i])
-            t[id(second), i] = once(second[i])
-        g, o = ((t[id(x), 1] - t[id(x), 0]) / (n2 - n1) * 1e3 for x in (gqa, topt))
-        per_round.append({"gqa_ms": g, "topt_ms": o, "ratio": g / o} | gpu_state())
-    ratios = sorted(x["ratio"] for x in per_round)
-    quart = statistics.quantiles(ratios, n=4)
-    return {"paired_ratio_vs_gqa": statistics.median(ratios), "paired_ratio_q1": quart[0], "paired_ratio_q3": quart[2],
-            "paired_gqa_ms": statistics.median(x["gqa_ms"] for x in per_round),
-            "paired_topt_ms": statistics.median(x["topt_ms"] for x in per_round), "rounds": per_round}
-
-
 def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers, tile_rows=WARP_ROWS, rounds=0):
     G, n1, n2 = Hq // Hkv, layers[0], layers[1]
     dev = dict(device="cuda", dtype=torch.float16)
@@ -267,8 +230,8 @@ def prefill_config(B, Hq, Hkv, D, S, skips, placements, repeats, layers, tile_ro
             ms = slope_ms(lambda n: topt_runner(n, placement, compensation, theta, lengths, dense_prompt), n1, n2, repeats)
             paired = {}
             if rounds > 0:
-                paired = paired_rounds((gqa_runner(n1), gqa_runner(n2)),
-                                       tuple(topt_runner(n, placement, compensation, theta, lengths, dense_prompt) for n in (n1, n2)),
+                paired = paired_rounds({"gqa": (gqa_runner(n1), gqa_runner(n2)),
+                                        "topt": tuple(topt_runner(n, placement, compensation, theta, lengths, dense_prompt) for n in (n1, n2))},
                                        n1, n2, rounds)
             results.append(row | dense | paired | {
                 "placement": placement + (" dense_prompt" if dense_prompt else ""), "compensation": compensation,
@@ -309,7 +272,7 @@ def main():
                      f"({r['warp_tiles_skipped']:.3f}) | "
                      f"{r['kept_fraction']:.5f} | {r['topt_ms']:.3f} | {r['gqa_ms']:.3f} | {r['sdpa_ms']:.3f} | "
                      f"{r['attention23_ms']:.3f} | {r['speedup_vs_best_dense']:.2f}x |"
-                     + (f" paired vs GQA {r['paired_ratio_vs_gqa']:.3f}x (quartiles {r['paired_ratio_q1']:.3f}-{r['paired_ratio_q3']:.3f}) |"
+                     + (f" paired vs GQA {r['paired_ratio_vs_gqa']:.3f}x (quartiles {r['paired_ratio_vs_gqa_q1']:.3f}-{r['paired_ratio_vs_gqa_q3']:.3f}) |"
                         if "paired_ratio_vs_gqa" in r else ""))
 
 
