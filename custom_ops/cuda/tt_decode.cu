@@ -8,6 +8,8 @@
 //   post_softmax: pass 1 (kScores) writes fp32 scores [B, Hq, Tbuf] and per-split (m, Z);
 //                 pass 2 (kPost) reads them back a chunk at a time, keeps p_j = e_j / Z > θ,
 //                 compacts the kept keys per warp and gathers their V rows.
+// Between nodes: the merge lets the next split kernel launch at its start (PDL), whose CTAs prefetch
+// their first K tiles into L2 before they wait; the split kernels' K is an L2 streaming window.
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
@@ -501,7 +503,26 @@ __global__ void __launch_bounds__(W * 32, W > kWarps ? 1 : GM <= 4 ? kMinBlocks 
   if constexpr (!kMasked) p.mask_kind = MaskKind::kNone;
   const int64_t trace_cta = blockIdx.x + int64_t(gridDim.x) * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
   if constexpr (kMode != kScores) Stamp(ws.trace_slot, 0, trace_cta, 0);
-  if constexpr (kMode != kPost) if (!p.after_decode_front) WaitPrerequisite();
+  if constexpr (kMode != kPost) {
+    // Before the PDL wait, this warp's first kStages statically dealt K tiles (a 4 KB warp tile: one
+    // 128-byte line per lane) are prefetched into L2, so that their DRAM latency overlaps the kernel
+    // before (the merge triggers early). L2 is the GPU's point of coherence: a line the kernel before
+    // writes after the prefetch is read new after the wait all the same. The rows lie in the past
+    // buffer [B, Hkv, P, Dh] whatever the row lengths (which the wait guards). H100, harness, one call
+    // with the L2 window and the merge's trigger: B = 1 32/8/128 32K 0.0335 -> 0.0313 ms
+    // (bench/results/step_h100_session29).
+    if (!p.after_decode_front) {
+      if (p.past_key) {
+        const char* k_bg = static_cast<const char*>(p.past_key) + (int64_t(blockIdx.z) * p.Hkv + blockIdx.y) * p.P * int64_t(D * sizeof(T));
+#pragma unroll
+        for (int st = 0; st < kStages; ++st) {
+          const int64_t k0 = int64_t((int(blockIdx.x) + st * int(gridDim.x)) * W + int(threadIdx.x >> 5)) * RW;
+          if (k0 + RW <= p.P) PrefetchL2(k_bg + k0 * int64_t(D * sizeof(T)) + (threadIdx.x & 31) * 128);
+        }
+      }
+      WaitPrerequisite();
+    }
+  }
   const int s = blockIdx.x, splits = gridDim.x;
   const int64_t g = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -1186,6 +1207,9 @@ __global__ void __launch_bounds__(kMergeThreads, MB) DecodeMergeKernel(TopThetaP
   __shared__ float vbase[kMergeThreads];
   const int64_t h = blockIdx.x, b = blockIdx.y;
   Stamp(ws.trace_slot, 1, h + p.Hq * b, 0);
+  // The next kernel (the next layer's split kernel, PDL-launched) may become resident now and
+  // prefetch its first K tiles while this one runs; it waits for this one's results.
+  LaunchDependents();
   const int64_t G = p.Hq / p.Hkv, g = h / G, r = h % G, Dv = p.Dv;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const KvGeom geo = GetGeom(p, b);
@@ -1334,20 +1358,55 @@ __global__ void __launch_bounds__(kMergeThreads, MB) DecodeMergeKernel(TopThetaP
   Stamp(ws.trace_slot, 1, h + p.Hq * b, 4);
 }
 
-// Launch `kernel` so that it may start while the previous kernel on `stream` finishes (PDL).
+// Bytes a kernel reads once: an L2 access-policy window marks them streaming (evicted first), so
+// that the split kernel's K stream does not push its code, the split records and the kept V rows
+// out of L2. (The per-instruction evict-first hint on cp.async faulted: session 20.) H100, harness:
+// B = 1 32/8/128 32K 0.0335 -> 0.0329 ms (bench/results/step_h100_session29).
+struct Streamed {
+  const void* base = nullptr;
+  size_t bytes = 0;
+};
+
+size_t MaxL2WindowBytes() {
+  static const size_t n = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMaxAccessPolicyWindowSize, dev) != cudaSuccess)
+      return size_t(0);
+    return size_t(v > 0 ? v : 0);
+  }();
+  return n;
+}
+
+// Launch `kernel` so that it may start while the previous kernel on `stream` finishes (PDL), with
+// `streamed` (as much of it as one window holds) marked streaming in L2.
 template <typename... Params, typename... Args>
-cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+cudaError_t LaunchPdl(Streamed streamed, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                      Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  const size_t window = streamed.base ? std::min(streamed.bytes, MaxL2WindowBytes()) : 0;
+  if (window > 0) {
+    attr[1].id = cudaLaunchAttributeAccessPolicyWindow;
+    attr[1].val.accessPolicyWindow.base_ptr = const_cast<void*>(streamed.base);
+    attr[1].val.accessPolicyWindow.num_bytes = window;
+    attr[1].val.accessPolicyWindow.hitRatio = 1.f;
+    attr[1].val.accessPolicyWindow.hitProp = cudaAccessPropertyStreaming;
+    attr[1].val.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
+    cfg.numAttrs = 2;
+  }
   return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+template <typename... Params, typename... Args>
+cudaError_t LaunchPdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  return LaunchPdl(Streamed{}, kernel, grid, block, smem, stream, args...);
 }
 
 // -DTOPT_DECODE_FUSED_MERGE=1 (experiment): the pre_softmax split kernel of the 16-bit types merges
@@ -1449,11 +1508,12 @@ cudaError_t LaunchSplits(const TopThetaParams& p, int splits, const Ws& ws, cuda
   // the claiming instance where the longest row the buffer holds would use its claims
   constexpr int64_t kWarpTileRows = Cfg<T, D>::RPW * Cfg<T, D>::U;
   const bool claim = ClaimsPay((Tbuf(p) + kWarpTileRows - 1) / kWarpTileRows, splits);
+  const Streamed k_past{p.past_key, p.past_key ? size_t(p.B * p.Hkv * p.P * p.Dh) * sizeof(T) : 0};  // read once
   cudaError_t err = wide
-      ? LaunchPdl(PreSplitKernel<T, D, GM>(false, false, false, true), grid, dim3(kWideWarps * 32), wide_ring, stream, p, w)
+      ? LaunchPdl(k_past, PreSplitKernel<T, D, GM>(false, false, false, true), grid, dim3(kWideWarps * 32), wide_ring, stream, p, w)
       : p.placement == Placement::kPreSoftmax
-      ? LaunchPdl(PreSplitKernel<T, D, GM>(fuse, claim, p.mask_kind != MaskKind::kNone), grid, dim3(kThreads), ring, stream, p, w)
-      : LaunchPdl(DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, w);
+      ? LaunchPdl(k_past, PreSplitKernel<T, D, GM>(fuse, claim, p.mask_kind != MaskKind::kNone), grid, dim3(kThreads), ring, stream, p, w)
+      : LaunchPdl(k_past, DecodeSplitKernel<T, D, GM, kScores>, grid, dim3(kThreads), ring, stream, p, w);
   if (err == cudaSuccess && p.placement != Placement::kPreSoftmax)
     err = LaunchPdl(DecodeSplitKernel<T, D, GM, kPost>, grid, dim3(kThreads), 0, stream, p, w);
   if (err == cudaSuccess) err = cudaGetLastError();

@@ -6,6 +6,7 @@ GPU machine are committed under bench/results/ (cuda_tests.txt).
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -149,3 +150,32 @@ def test_decode_keeps_exact_sums_while_scores_climb_along_the_row(cuda_session, 
     expected = reference_outputs(case, inputs)
     got = cuda_session(one_op_model(case, inputs)).run(list(OUTPUTS), feeds(inputs))
     assert_outputs_match(case, got, expected)
+
+
+@pytest.mark.parametrize("heads", [(32, 8, 128), (9, 3, 64)])
+def test_decode_reads_the_cache_the_kernel_before_wrote(cuda_session, heads):
+    # The decode split kernel prefetches its first K tiles into L2 before its PDL wait on the kernel
+    # before. Here a Neg node writes the caches right before the attention node, and a second run
+    # with other values rewrites the same buffers: each run's Y must be its own caches' (B = 1: the
+    # wide split kernel, no GQA front).
+    hq, hkv, d = heads
+    case = Case(B=1, Hq=hq, Hkv=hkv, S=1, Skv=1, P=6000, Dh=d, Dv=d, dtype="float16", kv_layout="shared_buffer",
+                placement="pre_softmax", compensation="sdc_exact+vmc", with_past_v_sum=True, seed=hq)
+    inputs = make_inputs(case)
+    model = one_op_model(case, inputs)
+    cache_names = ("past_key", "past_value")
+    for graph_input in model.graph.input:
+        if graph_input.name in cache_names:
+            graph_input.name = f"negated_{graph_input.name}"
+    negations = [onnx.helper.make_node("Neg", [f"negated_{n}"], [n], name=f"neg_{n}") for n in cache_names]
+    model.graph.node.insert(0, negations[1])
+    model.graph.node.insert(0, negations[0])
+    session = cuda_session(model)
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        for n in cache_names:
+            inputs[n] = rng.standard_normal(inputs[n].shape).astype(np.float16)
+        run_feeds = {(f"negated_{n}" if n in cache_names else n): (-a if n in cache_names else a)
+                     for n, a in feeds(inputs).items()}
+        got = session.run(list(OUTPUTS), run_feeds)
+        assert_outputs_match(case, got, reference_outputs(case, inputs))
