@@ -120,6 +120,13 @@ __device__ __forceinline__ void PingPongArrive(int wg) {
   else asm volatile("bar.arrive 3, 256;\n" ::: "memory");
 }
 
+// Named barriers 5 and 6 make the two warpgroups take turns at their softmax's exps (Dh 64 only: the
+// exps share the SFU, and with Dh 64's short GEMMs the two softmaxes would otherwise run at once;
+// 9/3/64 16K 4-6% faster with most tiles empty; 32/8/128 2% slower, so it does not take turns).
+// Ids in registers: there is room at Dh 64.
+__device__ __forceinline__ void ExpsTurnWait(int wg) { asm volatile("bar.sync %0, 256;\n" ::"r"(5 + wg) : "memory"); }
+__device__ __forceinline__ void ExpsTurnPass(int wg) { asm volatile("bar.arrive %0, 256;\n" ::"r"(6 - wg) : "memory"); }
+
 // ORs of v0 and v1 over the warpgroup's 128 threads (named barrier 1 + wg), as bits 0 and 1.
 // (Passing an OR through shared memory to the next ping-pong sync instead, with no barrier of its
 // own, was slower: 4.06 -> 4.22 ms on 32/8/128 16K; the barrier keeps the warpgroup's warps
@@ -317,7 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   // the warp keeps every visible key (dense, or θ = -inf: P = e, the kept sums and Z come from P·1
   // at the end), some row keeps a key of the half, or none does (Z alone). keep[hf]: this warp
   // keeps a key of half hf; pv bit hf: some warp of the warpgroup does (else its P·V is skipped).
-  auto softmax_of = [&](auto masked, int t, const float (&s)[64], unsigned (&pa)[8][4], int& pv, bool (&keep)[2]) {
+  // live: tile t exists for this warpgroup (false: only the exps turn is taken); turn: take it.
+  auto softmax_of = [&](auto masked, bool live, bool turn, int t, const float (&s)[64], unsigned (&pa)[8][4], int& pv, bool (&keep)[2]) {
     constexpr bool kMasked = decltype(masked)::value;
     int lim[2] = {kKeys, kKeys};
     if (kMasked) {
@@ -344,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     // O's rescale run on those rare tiles only (here, with no wgmma in flight: the step waited for
     // P·V(t − 1) before this softmax). On the common path the exps then wait for no shuffle, and
     // no vote or branch for O follows the softmax.
-    if (__any_sync(0xffffffffu, fmaxf(hm[0][0], hm[1][0]) > mx_up[0] || fmaxf(hm[0][1], hm[1][1]) > mx_up[1])) {
+    if (live && __any_sync(0xffffffffu, fmaxf(hm[0][0], hm[1][0]) > mx_up[0] || fmaxf(hm[0][1], hm[1][1]) > mx_up[1])) {
       float fac[2] = {1.f, 1.f};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -411,13 +419,17 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
         }
       }
     };
-    if (dense_warp) halves(std::true_type{});
-    else halves(std::false_type{});
-    pv = WgAny2(keep[0], keep[1], wg);
+    if (turn) ExpsTurnWait(wg);
+    if (live) {
+      if (dense_warp) halves(std::true_type{});
+      else halves(std::false_type{});
+    }
+    if (turn) ExpsTurnPass(wg);
+    if (live) pv = WgAny2(keep[0], keep[1], wg);
   };
-  auto softmax = [&](int t, const float (&s)[64], unsigned (&pa)[8][4], int& pv, bool (&keep)[2]) {
-    if (t < wg_whole) softmax_of(std::false_type{}, t, s, pa, pv, keep);
-    else softmax_of(std::true_type{}, t, s, pa, pv, keep);
+  auto softmax = [&](bool live, bool turn, int t, const float (&s)[64], unsigned (&pa)[8][4], int& pv, bool (&keep)[2]) {
+    if (t < wg_whole) softmax_of(std::false_type{}, live, turn, t, s, pa, pv, keep);
+    else softmax_of(std::true_type{}, live, turn, t, s, pa, pv, keep);
   };
 
   const bool vbar = colsum != nullptr;  // v̄ has weight somewhere
@@ -447,6 +459,10 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   // arrived in its iteration t - 1, so both are past their iteration t - 2: Q·Kᵀ(t - 1) and
   // P·V(t - 2) are complete, and K(t + 2) and V(t + 1) go into those tiles' stages. Both
   // warpgroups run every iteration (a finished one only keeps the alternation and the copies).
+  // Exps turns (Dh 64): warpgroup 0 first; each warpgroup takes one per step, live or not (the
+  // prologue's softmax takes none; warpgroup 0 takes warpgroup 1's last pass after the loop).
+  constexpr bool kTurns = D == 64;
+  if (kTurns && wg == 1) ExpsTurnPass(wg);
   float s[64];
   unsigned pa[8][4];
   int pv = 0;  // tile t's (see softmax): bit hf set, the warpgroup multiplies half hf
@@ -456,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     issue_qk(0, s);
     WgWait<0>();
     FenceRegs(s);
-    softmax(0, s, pa, pv, keep);
+    softmax(true, false, 0, s, pa, pv, keep);
   }
   if (wg == 1) PingPongArrive(wg);  // warpgroup 0 issues first
   int stage = 0;        // tile t's: t % kStages
@@ -493,11 +509,13 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     copy_k(t + 2, next_stage(stage1)), copy_v(t + 1, stage1);
     WgWait<0>();  // Q·Kᵀ(t + 1) and P·V(t): P(t + 1) goes into the registers P·V(t) read
     FenceRegs(s), FenceRegs(acc), FenceRegs(ksum);
-    if (next) softmax(t + 1, s, pa, pv, keep);
+    if (kTurns) softmax(next, true, t + 1, s, pa, pv, keep);
+    else if (next) softmax(true, false, t + 1, s, pa, pv, keep);
     stage = stage1, parity = parity1;
   };
   for (int t = 0; t < tiles; ++t) step(t);
   if (wg == 0) PingPongSync(wg);  // warpgroup 1's last arrival
+  if (kTurns && wg == 0) ExpsTurnWait(wg);  // and its last exps pass
   FenceRegs(acc);
   __syncthreads();  // every bulk copy waited for (the warpgroup with the most tiles waited for each)
 
