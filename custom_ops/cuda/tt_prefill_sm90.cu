@@ -14,8 +14,8 @@
 //   by one thread;
 // - the P·V of each 64-key half of a tile is skipped when no row of the warpgroup keeps a key in it
 //   (the skip unit is 64 rows × 64 keys: wgmma is issued by all four warps together);
-// - K and V come through a 3-stage ring with a barrier each: K of tile t + 2 is copied once both
-//   warpgroups are past Q·Kᵀ(t − 1), V of t + 1 once they are past P·V(t − 2); the two warpgroups
+// - K and V come through a 3-stage ring: K of tile t + 2 and V of t + 1 are copied (on one
+//   barrier) once both warpgroups are past Q·Kᵀ(t − 1) and P·V(t − 2); the two warpgroups
 //   alternate their wgmma issue (FlashAttention-3's ping-pong): one's softmax runs while the
 //   other's wgmmas do;
 // - the running max moves only when a tile passes it by 2^8 in e (FlashAttention-4's lazy
@@ -55,7 +55,9 @@ struct Sm90Smem {
   __half q[kRows * D];  // [D / 64 blocks][128 rows][64]
   Sm90Tile<D> st[kStages];
   __half ones[8 * 64];  // B of P·1: 8 rows of 64 ones
-  uint64_t full_k[kStages], full_v[kStages];  // K, V of the stage's tile arrived (one arrival, with the byte count)
+  // bundle[b % kStages]: step b's copies (K of tile b + 1, V of tile b) arrived; k0: K of tile 0
+  // (one arrival each, with the byte count)
+  uint64_t bundle[kStages], k0;
 };
 
 // Offset in halves of element (r, c) of a swizzled tile of R rows.
@@ -94,12 +96,16 @@ __device__ __forceinline__ void FenceRegs(float (&r)[N]) {
 __device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count) : "memory");
 }
-// Where `issue`: bar expects `bytes` more and the bulk copy of them from src to dst completes them
-// (no branch: a divergent one among the wgmmas makes ptxas serialize them).
+// Where `issue`: bar expects `bytes` more (its one arrival), which bulk copies then complete
+// (predicated, no branch: a divergent one among the wgmmas makes ptxas serialize them).
+__device__ __forceinline__ void MbarExpect(bool issue, unsigned bar, unsigned bytes) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\n@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%1], %2;\n}\n"
+               ::"r"(unsigned(issue)), "r"(bar), "r"(bytes) : "memory");
+}
+// Where `issue`: the bulk copy of `bytes` from src to dst, completing them on bar.
 __device__ __forceinline__ void BulkCopy(bool issue, unsigned dst, const void* src, unsigned bytes, unsigned bar) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.u32 p, %0, 0;\n"
-      "@p mbarrier.arrive.expect_tx.shared::cta.b64 _, [%3], %2;\n"
       "@p cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%1], [%4], %2, [%3];\n}\n"
       ::"r"(unsigned(issue)), "r"(dst), "r"(bytes), "r"(bar), "l"(src) : "memory");
 }
@@ -257,22 +263,31 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   // v̄'s 64-key column-sum tiles: [0, full_tiles) every row sees whole, [full_tiles, cs_tiles) some row sees
   const int full_tiles = int(RowEnd(p, geo, q0) / kPfKeys), cs_tiles = int((key_end + kPfKeys - 1) / kPfKeys);
 
-  // K and V of tile t: a bulk copy each into the tile's stage (t % kStages, passed in: counters, not
-  // divisions, track it), issued by thread 0.
+  // Tile t's K and V go into stage t % kStages (passed in: counters, not divisions, track it), each
+  // with one bulk copy issued by thread 0. Step b's (b < tiles) are a bundle on one barrier: K of
+  // tile b + 1 (where it exists) and V of tile b, so that step b waits once (a wait costs ~100
+  // cycles even on a complete phase; two waits per step: 32/8/128 16K 1.5-3% slower, 9/3/64 5-8%).
   const Sm90Tile<D>* ws_bg = ws + bg * ((T + 1) / 2);
-  auto copy_k = [&](int t, int stage) {
-    if (t < tiles) BulkCopy(threadIdx.x == 0, sa(sm.st[stage].k), ws_bg[t].k, unsigned(sizeof(ws_bg->k)), sa(&sm.full_k[stage]));
-  };
-  auto copy_v = [&](int t, int stage) {
-    if (t < tiles) BulkCopy(threadIdx.x == 0, sa(sm.st[stage].vt), ws_bg[t].vt, unsigned(sizeof(ws_bg->vt)), sa(&sm.full_v[stage]));
-  };
   auto next_stage = [](int stage) { return stage == kStages - 1 ? 0 : stage + 1; };
+  auto copy_bundle = [&](int b, int bstage) {
+    if (b >= tiles) return;
+    const bool k1 = b + 1 < tiles;
+    const unsigned bar = sa(&sm.bundle[bstage]);
+    MbarExpect(threadIdx.x == 0, bar, unsigned(sizeof(ws_bg->vt)) + (k1 ? unsigned(sizeof(ws_bg->k)) : 0u));
+    if (k1) BulkCopy(threadIdx.x == 0, sa(sm.st[next_stage(bstage)].k), ws_bg[b + 1].k, unsigned(sizeof(ws_bg->k)), bar);
+    BulkCopy(threadIdx.x == 0, sa(sm.st[bstage].vt), ws_bg[b].vt, unsigned(sizeof(ws_bg->vt)), bar);
+  };
 
-  if (threadIdx.x < kStages) MbarInit(&sm.full_k[threadIdx.x], 1), MbarInit(&sm.full_v[threadIdx.x], 1);
+  if (threadIdx.x < kStages) MbarInit(&sm.bundle[threadIdx.x], 1);
+  if (threadIdx.x == kStages) MbarInit(&sm.k0, 1);
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   __syncthreads();
-  // K and V of tile 0, K of tile 1; Q (zeros past S) and the ones meanwhile
-  copy_k(0, 0), copy_v(0, 0), copy_k(1, 1);
+  // K of tile 0, bundle 0 (K of tile 1, V of tile 0); Q (zeros past S) and the ones meanwhile
+  if (tiles > 0) {
+    MbarExpect(threadIdx.x == 0, sa(&sm.k0), unsigned(sizeof(ws_bg->k)));
+    BulkCopy(threadIdx.x == 0, sa(sm.st[0].k), ws_bg[0].k, unsigned(sizeof(ws_bg->k)), sa(&sm.k0));
+  }
+  copy_bundle(0, 0);
   constexpr int kChunks = D / 8;
   const __half* q_bh = static_cast<const __half*>(p.q) + (b * p.Hq + h) * p.S * D;
   for (int x = threadIdx.x; x < kRows * kChunks; x += kThreads) {
@@ -454,11 +469,12 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   // the warpgroup's own softmax too, as FlashAttention-3 does, needs a second set of P registers;
   // ptxas then has too few left to schedule the softmax's exps apart, and the kernel was slower:
   // 32/8/128 16K, 88% of the tiles empty, 3.46 -> 3.57 ms.)
-  // Tiles arrive on the stages' mbarriers (no CTA-wide barrier in the loop: it would undo the
+  // Tiles arrive on the bundles' mbarriers (no CTA-wide barrier in the loop: it would undo the
   // ping-pong). Stage reuse: after warpgroup 0's ping-pong sync of iteration t, warpgroup 1 has
   // arrived in its iteration t - 1, so both are past their iteration t - 2: Q·Kᵀ(t - 1) and
-  // P·V(t - 2) are complete, and K(t + 2) and V(t + 1) go into those tiles' stages. Both
-  // warpgroups run every iteration (a finished one only keeps the alternation and the copies).
+  // P·V(t - 2) are complete and bundle t - 2 waited for, and K(t + 2) and V(t + 1) go into those
+  // tiles' stages, on bundle t + 1's barrier (t - 2's). Both warpgroups run every iteration and
+  // wait for every bundle (a finished one only keeps the alternation; every copy is waited for).
   // Exps turns (Dh 64): warpgroup 0 first; each warpgroup takes one per step, live or not (the
   // prologue's softmax takes none; warpgroup 0 takes warpgroup 1's last pass after the loop).
   constexpr bool kTurns = D == 64;
@@ -468,7 +484,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   int pv = 0;  // tile t's (see softmax): bit hf set, the warpgroup multiplies half hf
   bool keep[2] = {false, false};
   if (wg_tiles > 0) {
-    MbarWait(sa(&sm.full_k[0]), 0);
+    MbarWait(sa(&sm.k0), 0);
     issue_qk(0, s);
     WgWait<0>();
     FenceRegs(s);
@@ -481,8 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     const bool live = t < wg_tiles, next = t + 1 < wg_tiles;
     const int stage1 = next_stage(stage);  // tile t + 1's
     const unsigned parity1 = stage1 == 0 ? parity ^ 1u : parity;
-    if (next) MbarWait(sa(&sm.full_k[stage1]), parity1);
-    if (live) MbarWait(sa(&sm.full_v[stage]), parity);
+    MbarWait(sa(&sm.bundle[stage]), parity);  // K(t + 1), V(t)
     PingPongSync(wg);
     if (next) issue_qk(stage1, s);
     // P·V(t) of the halves the warpgroup keeps keys of: each case one basic block that ends in its
@@ -506,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
     else if (pv_live == 2) issue_pv(1, 1);
     // (no P·V: no group; the wait below is for all)
     PingPongArrive(wg);
-    copy_k(t + 2, next_stage(stage1)), copy_v(t + 1, stage1);
+    copy_bundle(t + 1, stage1);  // K(t + 2), V(t + 1)
     WgWait<0>();  // Q·Kᵀ(t + 1) and P·V(t): P(t + 1) goes into the registers P·V(t) read
     FenceRegs(s), FenceRegs(acc), FenceRegs(ksum);
     if (kTurns) softmax(next, true, t + 1, s, pa, pv, keep);
