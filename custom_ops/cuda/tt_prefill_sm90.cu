@@ -532,7 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1) PrefillSm90Kernel(TopThetaParams 
   if (wg == 0) PingPongSync(wg);  // warpgroup 1's last arrival
   if (kTurns && wg == 0) ExpsTurnWait(wg);  // and its last exps pass
   FenceRegs(acc);
-  __syncthreads();  // every bulk copy waited for (the warpgroup with the most tiles waited for each)
+  __syncthreads();  // every bulk copy waited for (each warpgroup waited for every bundle)
 
   // v̄: the partial sums, then the column sums, in stage 1 (free now)
   float* vsum = reinterpret_cast<float*>(sm.st[1].k);  // [kThreads] partial sums, then [D] columns
